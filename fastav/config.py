@@ -1,0 +1,658 @@
+"""Typed configuration: nested dataclasses, named recipes, dotted command-line overrides.
+
+A run is described by one :class:`Config` made of six sections (``data``, ``model``, ``train``,
+``continual``, ``eval``, ``distributed``). Every field carries a docstring (``python -m fastav.config
+explain`` prints them). A recipe is a function returning a complete ``Config``; recipes are built from
+:func:`base` by changing a few fields, so the difference between two recipes reads as a short list.
+
+Overrides use ``section.field=value`` and are converted to the field's declared type::
+
+    cfg = load_config("debug", ["train.lr=3e-4", "continual.task_order=sports,music", "data.root=/data/vgg"])
+
+Every validation error is a :class:`ConfigError` naming the field (``train.lr``), what it got and what
+it accepts. The resolved config is written as ``config.json`` into each run directory
+(:meth:`Config.save`) and can be read back with :meth:`Config.load`. The DeepSpeed JSON is generated
+from it (:meth:`Config.deepspeed_config`), never written by hand.
+"""
+
+from __future__ import annotations
+
+import ast
+import dataclasses
+import difflib
+import inspect
+import json
+import math
+import os
+import sys
+import textwrap
+import types
+import typing
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+DATA_ENV = "FASTAV_DATA"
+"""Environment variable read when ``data.root`` is left empty."""
+
+
+class ConfigError(ValueError):
+    """A configuration value is unknown, of the wrong type or out of range; the message names the field."""
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Sections
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+@dataclass(kw_only=True)
+class DataConfig:
+    root: str = ""
+    """Dataset directory written by ``python -m shards`` (holds manifest.json). Empty: read $FASTAV_DATA."""
+    batch_size: int = 12
+    """Clips per GPU (per process) and step, before replay samples are added."""
+    sampling: Literal["cavmae", "stella"] = "stella"
+    """Frame sampling rule: 'cavmae' (1 frame of the 1-fps grid) or 'stella' (frames 1 s apart from a window)."""
+    num_frames: int = 4
+    """Frames per clip handed to the model (T of the batch contract): 1 for CAV-MAE, 4 for STELLA."""
+    frame_size: int = 224
+    """Side of the square frames handed to the model, in pixels."""
+    eval_window_start: float = 3.0
+    """Start of the fixed evaluation window in seconds (STELLA sampling); clamped to the clip."""
+    target_length: int = 1024
+    """Fbank frames per clip after padding or trimming (10 ms each)."""
+    num_mel_bins: int = 128
+    """Mel bins of the Kaldi fbank."""
+    fbank_mean: float = -5.081
+    """Fbank normalisation: (x - mean) / std, CAV-MAE's AudioSet / VGGSound statistics."""
+    fbank_std: float = 4.4849
+    """Fbank normalisation standard deviation."""
+    noise: bool = True
+    """Train-time audio noise + circular time roll (CAV-MAE's 'noise' option)."""
+    specaug_freq: int = 0
+    """SpecAugment frequency mask width (0 = off; CAV-MAE fine-tuning uses 48)."""
+    specaug_time: int = 0
+    """SpecAugment time mask width (0 = off; CAV-MAE fine-tuning uses 192)."""
+    mixup: float = 0.0
+    """Probability of mixup per sample (fine-tuning only; CAV-MAE uses 0.5)."""
+    num_threads: int = 2
+    """CPU threads of the data pipeline per process."""
+    prefetch: int = 2
+    """Batches prepared ahead of the trainer."""
+    dtype: Literal["float32", "bfloat16"] = "float32"
+    """Dtype of the video and fbank tensors handed to the model."""
+    max_skip_fraction: float = 0.01
+    """Stop the run when more than this fraction of samples had to be skipped as undecodable."""
+    device: Literal["auto", "cpu", "gpu"] = "auto"
+    """Where decoding runs: 'gpu' (NVDEC), 'cpu' (VP9 shards only) or 'auto' (gpu when CUDA is present)."""
+
+    def validate(self) -> None:
+        _positive(self, "batch_size", "num_frames", "frame_size", "target_length", "num_mel_bins", "num_threads")
+        _positive(self, "prefetch", "fbank_std")
+        _non_negative(self, "specaug_freq", "specaug_time", "eval_window_start")
+        _fraction(self, "mixup", "max_skip_fraction", closed=True)
+        if self.sampling == "cavmae" and self.num_frames != 1:
+            _fail(self, "num_frames", self.num_frames, "1 when data.sampling='cavmae' (CAV-MAE uses one frame)")
+        if self.specaug_freq > self.num_mel_bins:
+            _fail(self, "specaug_freq", self.specaug_freq, f"at most data.num_mel_bins ({self.num_mel_bins})")
+        if self.specaug_time > self.target_length:
+            _fail(self, "specaug_time", self.specaug_time, f"at most data.target_length ({self.target_length})")
+
+
+@dataclass(kw_only=True)
+class ModelConfig:
+    arch: Literal["cavmae", "stella"] = "stella"
+    """Model family: CAV-MAE (11+1 layers, 1 frame) or STELLA's backbone (10+2 layers, 4 frames, AVM)."""
+    embed_dim: int = 768
+    """Encoder width."""
+    num_heads: int = 12
+    """Encoder attention heads."""
+    mlp_ratio: float = 4.0
+    """Hidden width of the MLP relative to embed_dim."""
+    specific_depth: int = 10
+    """Modality-specific layers per branch (CAV-MAE 11, STELLA 10)."""
+    shared_depth: int = 2
+    """Shared layers with three LayerNorm sets (CAV-MAE 1, STELLA 2)."""
+    patch_size: int = 16
+    """Square patch side for video frames and fbank."""
+    decoder_dim: int = 512
+    """MAE decoder width."""
+    decoder_depth: int = 8
+    """MAE decoder layers."""
+    decoder_heads: int = 16
+    """MAE decoder attention heads."""
+    mask_ratio_a: float = 0.8
+    """Fraction of audio tokens hidden from the encoder."""
+    mask_ratio_v: float = 0.8
+    """Fraction of video tokens hidden from the encoder."""
+    audio_mask: Literal["uniform", "time", "freq", "tf"] = "uniform"
+    """Audio masking pattern: uniform random, whole time columns, whole frequency rows, or both."""
+    pos_embed: Literal["fixed", "learnable"] = "learnable"
+    """Positional embeddings: fixed 2-D sin-cos (CAV-MAE pre-training) or learnable from sin-cos init."""
+    inter_pos_embed: bool = True
+    """STELLA's second positional embeddings, added right before the shared layers."""
+    shared_mask_token: bool = False
+    """One mask token for both modalities (CAV-MAE) instead of one per modality (STELLA)."""
+    norm_pix_loss: bool = True
+    """Reconstruct per-patch standardised pixels."""
+    mae_weight: float = 1.0
+    """Weight of each modality's reconstruction loss."""
+    contrastive_weight: float = 0.1
+    """Weight of the InfoNCE loss (CAV-MAE 0.01, STELLA 0.1)."""
+    contrastive_tau: float = 0.05
+    """InfoNCE temperature."""
+    bidirectional_contrastive: bool = True
+    """Average both InfoNCE directions (STELLA) instead of video->audio only (CAV-MAE)."""
+    avm: bool = True
+    """Build STELLA's audio-video matching (AVM) module."""
+    attention: Literal["sdpa", "xformers"] = "sdpa"
+    """Attention backend: PyTorch SDPA, or xformers on CUDA when installed."""
+    kernels: Literal["auto", "triton", "ref"] = "auto"
+    """STELLA kernels: fused Triton, plain-PyTorch reference, or auto (Triton where it can run)."""
+    drop_path: float = 0.0
+    """Stochastic depth rate of the encoder."""
+
+    def validate(self) -> None:
+        _positive(self, "embed_dim", "num_heads", "mlp_ratio", "specific_depth", "patch_size")
+        _positive(self, "decoder_dim", "decoder_depth", "decoder_heads", "contrastive_tau")
+        _non_negative(self, "shared_depth", "mae_weight", "contrastive_weight")
+        _fraction(self, "mask_ratio_a", "mask_ratio_v", closed=False)
+        _fraction(self, "drop_path", closed=False)
+        if self.embed_dim % self.num_heads:
+            _fail(self, "embed_dim", self.embed_dim, f"a multiple of model.num_heads ({self.num_heads})")
+        if self.decoder_dim % self.decoder_heads:
+            _fail(self, "decoder_dim", self.decoder_dim, f"a multiple of model.decoder_heads ({self.decoder_heads})")
+        if self.avm and self.shared_depth == 0:
+            _fail(self, "avm", self.avm, "false when model.shared_depth=0 (the AVM reads the shared layers)")
+
+
+@dataclass(kw_only=True)
+class TrainConfig:
+    run_dir: str = ""
+    """Directory for config.json, logs, metrics and checkpoints. Empty: runs/<recipe>-<timestamp>."""
+    seed: int = 2021
+    """Seed of every random choice of the run (data order, masking, selection, init)."""
+    optimizer: Literal["adam", "adamw"] = "adam"
+    """Optimizer (both papers use Adam with decoupled-free weight decay)."""
+    lr: float = 1e-4
+    """Peak learning rate."""
+    betas: tuple[float, ...] = (0.95, 0.999)
+    """Adam betas."""
+    weight_decay: float = 5e-7
+    """Weight decay (not applied to biases, norms, embeddings and mask tokens)."""
+    schedule: Literal["constant", "multistep", "cosine"] = "constant"
+    """Learning-rate schedule."""
+    milestones: tuple[int, ...] = ()
+    """Epochs at which 'multistep' multiplies the lr by gamma."""
+    gamma: float = 0.5
+    """Multiplier of the 'multistep' schedule."""
+    warmup_epochs: float = 0.0
+    """Linear warm-up length in epochs (0 = none)."""
+    epochs: int = 25
+    """Epochs of pre-training or fine-tuning (continual runs use continual.epochs_per_task)."""
+    max_steps: int = 0
+    """Stop after this many optimizer steps (0 = no limit); for smoke runs."""
+    grad_accum: int = 1
+    """Micro-batches accumulated per optimizer step."""
+    grad_clip: float = 0.0
+    """Gradient-norm clipping (0 = off)."""
+    precision: Literal["bf16", "fp32"] = "bf16"
+    """Training precision."""
+    log_every: int = 20
+    """Steps between metric log lines (the only steps that read values back from the device)."""
+    checkpoint_every: int = 0
+    """Steps between checkpoints (0 = only at the end of each task or epoch)."""
+    tensorboard: bool = True
+    """Also write TensorBoard event files next to metrics.jsonl."""
+
+    def validate(self) -> None:
+        _positive(self, "lr", "epochs", "grad_accum", "log_every", "gamma")
+        _non_negative(self, "weight_decay", "warmup_epochs", "max_steps", "grad_clip", "checkpoint_every")
+        if len(self.betas) != 2 or not all(0.0 <= b < 1.0 for b in self.betas):
+            _fail(self, "betas", self.betas, "two numbers in [0, 1), e.g. 0.95,0.999")
+        if list(self.milestones) != sorted(set(self.milestones)) or any(m <= 0 for m in self.milestones):
+            _fail(self, "milestones", self.milestones, "strictly increasing positive epochs, e.g. 10,15,20")
+        if self.schedule == "multistep" and not self.milestones:
+            _fail(self, "milestones", self.milestones, "at least one epoch when train.schedule='multistep'")
+
+
+METHODS = ("finetune", "multitask", "er", "der++", "mir", "gmed", "clser", "lump", "esmer", "stella", "stella+")
+
+
+@dataclass(kw_only=True)
+class ContinualConfig:
+    method: Literal[METHODS] = "stella"  # type: ignore[valid-type]
+    """Continual method: STELLA or one of the baselines it is compared with."""
+    task_order: tuple[str, ...] = ()
+    """Task names in training order. Empty: the order of the dataset manifest."""
+    epochs_per_task: int = 10
+    """Epochs on each task (STELLA: 10 VGGSound, 15 AudioSet)."""
+    memory_size: int = 2000
+    """Rehearsal memory size over all ranks (divided evenly among them)."""
+    alpha: float = 0.5
+    """Weight of the DER++ penalty on replayed embeddings."""
+    core_video_ratio: float = 0.5
+    """Fraction of video patches dropped from the candidate set (STELLA's core_video_ratio)."""
+    core_audio_ratio: float = 0.5
+    """Fraction of audio patches dropped from the candidate set (STELLA's core_audio_ratio)."""
+    num_core_audio_times: int = 4
+    """Time steps per audio chunk in STELLA's chunked audio selection."""
+    att_temperature: float = 0.4
+    """Temperature of the cross-modal attention importance."""
+    matching_loss_weight: float = 1.0
+    """Weight of the AVM matching loss."""
+
+    def validate(self) -> None:
+        _positive(self, "epochs_per_task", "num_core_audio_times", "att_temperature")
+        _non_negative(self, "memory_size", "alpha", "matching_loss_weight")
+        _fraction(self, "core_video_ratio", "core_audio_ratio", closed=False)
+        if len(set(self.task_order)) != len(self.task_order):
+            _fail(self, "task_order", self.task_order, "each task at most once")
+        if self.method not in ("finetune", "multitask") and self.memory_size == 0:
+            _fail(self, "memory_size", 0, f"> 0 for continual.method='{self.method}' (it replays from memory)")
+
+
+@dataclass(kw_only=True)
+class EvalConfig:
+    retrieval_ks: tuple[int, ...] = (1, 5, 10)
+    """K of the R@K retrieval metrics."""
+    after_each_task: bool = True
+    """Run zero-shot retrieval on the whole retrieval set after every task."""
+    batch_size: int = 32
+    """Clips per evaluation batch."""
+
+    def validate(self) -> None:
+        _positive(self, "batch_size")
+        if not self.retrieval_ks or any(k <= 0 for k in self.retrieval_ks):
+            _fail(self, "retrieval_ks", self.retrieval_ks, "one or more positive integers, e.g. 1,5,10")
+
+
+@dataclass(kw_only=True)
+class DistributedConfig:
+    zero_stage: int = 2
+    """DeepSpeed ZeRO stage, 0-3."""
+    backend: Literal["auto", "nccl", "gloo"] = "auto"
+    """Collective backend: nccl on GPUs, gloo on the CPU; 'auto' picks."""
+    offload_optimizer: bool = False
+    """ZeRO-Offload of optimizer states to host memory."""
+    overlap_comm: bool = True
+    """Overlap gradient reduction with the backward pass."""
+    reduce_bucket_size: int = 500_000_000
+    """Elements per gradient reduction bucket."""
+
+    def validate(self) -> None:
+        if self.zero_stage not in (0, 1, 2, 3):
+            _fail(self, "zero_stage", self.zero_stage, "one of 0, 1, 2, 3")
+        _positive(self, "reduce_bucket_size")
+
+
+SECTIONS: dict[str, type] = {
+    "data": DataConfig,
+    "model": ModelConfig,
+    "train": TrainConfig,
+    "continual": ContinualConfig,
+    "eval": EvalConfig,
+    "distributed": DistributedConfig,
+}
+
+
+@dataclass(kw_only=True)
+class Config:
+    recipe: str = "base"
+    """Name of the recipe this config was built from."""
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    continual: ContinualConfig = field(default_factory=ContinualConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    distributed: DistributedConfig = field(default_factory=DistributedConfig)
+
+    def validate(self, *, require_data: bool = False) -> Config:
+        """Check every section; with ``require_data`` also that the dataset directory exists."""
+        for name in SECTIONS:
+            getattr(self, name).validate()
+        if require_data:
+            root = self.data_root()
+            if not root:
+                raise ConfigError(
+                    f"data.root: no dataset given; pass data.root=DIR (a directory written by "
+                    f"'python -m shards ...') or set ${DATA_ENV}"
+                )
+            if not (Path(root) / "manifest.json").is_file():
+                raise ConfigError(
+                    f"data.root: {root!r} has no manifest.json; build it with 'python -m shards build' "
+                    f"(or 'python -m shards synth' for generated data) or fix the path"
+                )
+        return self
+
+    def data_root(self) -> str:
+        return self.data.root or os.environ.get(DATA_ENV, "")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=False)
+
+    def save(self, run_dir: str | os.PathLike) -> Path:
+        """Write the resolved config as ``config.json`` into ``run_dir`` (created if needed)."""
+        path = Path(run_dir) / "config.json"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".json.tmp")
+        tmp.write_text(self.to_json() + "\n")
+        tmp.replace(path)
+        return path
+
+    @classmethod
+    def from_dict(cls, raw: dict[str, Any]) -> Config:
+        """Rebuild a config from :meth:`to_dict` output, validating names and types."""
+        cfg = Config(recipe=str(raw.get("recipe", "base")))
+        for key in raw:
+            if key != "recipe" and key not in SECTIONS:
+                raise ConfigError(_unknown("section", key, list(SECTIONS)))
+        for name in SECTIONS:
+            for key, value in raw.get(name, {}).items():
+                _set_field(cfg, f"{name}.{key}", value, from_text=False)
+        return cfg.validate()
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> Config:
+        return cls.from_dict(json.loads(Path(path).read_text()))
+
+    def deepspeed_config(self, world_size: int = 1) -> dict[str, Any]:
+        """The DeepSpeed JSON for this run: batch sizes, ZeRO, precision and clipping.
+
+        The optimizer and schedule are built by fastav (parameter groups without weight decay on norms
+        and embeddings) and handed to ``deepspeed.initialize``, so they are not in the JSON.
+        """
+        micro = self.data.batch_size
+        zero: dict[str, Any] = {
+            "stage": self.distributed.zero_stage,
+            "overlap_comm": self.distributed.overlap_comm,
+            "contiguous_gradients": True,
+            "reduce_bucket_size": self.distributed.reduce_bucket_size,
+        }
+        if self.distributed.offload_optimizer:
+            zero["offload_optimizer"] = {"device": "cpu", "pin_memory": False}
+        return {
+            "train_batch_size": micro * self.train.grad_accum * world_size,
+            "train_micro_batch_size_per_gpu": micro,
+            "gradient_accumulation_steps": self.train.grad_accum,
+            "gradient_clipping": self.train.grad_clip,
+            "bf16": {"enabled": self.train.precision == "bf16"},
+            "zero_optimization": zero,
+            "steps_per_print": 10**9,
+            "wall_clock_breakdown": False,
+        }
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Recipes
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def base() -> Config:
+    """STELLA-sized defaults (ViT-B, 10+2 layers, 4 frames); every recipe starts here."""
+    return Config()
+
+
+def debug() -> Config:
+    """A CPU-size STELLA model on the synthetic dataset: trains in seconds per task on 2 cores."""
+    cfg = base()
+    cfg.recipe = "debug"
+    cfg.data = dataclasses.replace(
+        cfg.data, batch_size=8, frame_size=64, target_length=256, num_mel_bins=64, eval_window_start=0.0
+    )
+    cfg.model = dataclasses.replace(
+        cfg.model,
+        embed_dim=64,
+        num_heads=4,
+        specific_depth=2,
+        shared_depth=1,
+        decoder_dim=48,
+        decoder_depth=1,
+        decoder_heads=4,
+    )
+    cfg.train = dataclasses.replace(cfg.train, precision="fp32", epochs=2, log_every=5, tensorboard=False)
+    cfg.continual = dataclasses.replace(cfg.continual, epochs_per_task=1, memory_size=64)
+    cfg.eval = dataclasses.replace(cfg.eval, batch_size=16)
+    cfg.distributed = dataclasses.replace(cfg.distributed, zero_stage=0)
+    return cfg
+
+
+def cavmae_base() -> Config:
+    """CAV-MAE-Base pre-training on AudioSet-2M (cav_mae.md §3-5): 11+1 layers, 1 frame, batch 4x12."""
+    cfg = base()
+    cfg.recipe = "cavmae_base"
+    cfg.data = dataclasses.replace(cfg.data, sampling="cavmae", num_frames=1)
+    cfg.model = dataclasses.replace(
+        cfg.model,
+        arch="cavmae",
+        specific_depth=11,
+        shared_depth=1,
+        mask_ratio_a=0.75,
+        mask_ratio_v=0.75,
+        pos_embed="fixed",
+        inter_pos_embed=False,
+        shared_mask_token=True,
+        contrastive_weight=0.01,
+        bidirectional_contrastive=False,
+        avm=False,
+    )
+    cfg.train = dataclasses.replace(
+        cfg.train, lr=5e-5, schedule="multistep", milestones=(10, 15, 20, 25), gamma=0.5, epochs=25
+    )
+    return cfg
+
+
+def stella_vggsound() -> Config:
+    """STELLA continual pre-training on the VGGSound 8-task sequence (stella.md §5)."""
+    cfg = base()
+    cfg.recipe = "stella_vggsound"
+    cfg.continual = dataclasses.replace(
+        cfg.continual,
+        task_order=("sports", "music", "vehicle", "people", "animals", "home_nature", "others_part1", "others_part2"),
+        epochs_per_task=10,
+    )
+    return cfg
+
+
+def stella_audioset() -> Config:
+    """STELLA continual pre-training on the AudioSet 7-task sequence (stella.md §5): batch 9 per GPU."""
+    cfg = base()
+    cfg.recipe = "stella_audioset"
+    cfg.data = dataclasses.replace(cfg.data, batch_size=9)
+    cfg.continual = dataclasses.replace(
+        cfg.continual,
+        task_order=("human", "vehicle", "nature", "animal", "others", "home", "music"),
+        epochs_per_task=15,
+    )
+    return cfg
+
+
+RECIPES: dict[str, Callable[[], Config]] = {
+    "base": base,
+    "debug": debug,
+    "cavmae_base": cavmae_base,
+    "stella_vggsound": stella_vggsound,
+    "stella_audioset": stella_audioset,
+}
+
+
+def load_config(recipe: str = "debug", overrides: Iterable[str] = ()) -> Config:
+    """Build a named recipe, apply ``section.field=value`` overrides and validate the result."""
+    if recipe not in RECIPES:
+        raise ConfigError(_unknown("recipe", recipe, list(RECIPES)))
+    cfg = RECIPES[recipe]()
+    apply_overrides(cfg, overrides)
+    return cfg.validate()
+
+
+def apply_overrides(cfg: Config, overrides: Iterable[str]) -> Config:
+    """Apply ``section.field=value`` strings in order (later ones win); values are parsed by field type."""
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r}: expected section.field=value, e.g. train.lr=1e-4")
+        dotted, text = item.split("=", 1)
+        _set_field(cfg, dotted.strip(), text.strip(), from_text=True)
+    return cfg
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Parsing and validation helpers
+# ---------------------------------------------------------------------------------------------------------------------
+
+_TRUE = {"1", "true", "yes", "on"}
+_FALSE = {"0", "false", "no", "off"}
+
+
+def _set_field(cfg: Config, dotted: str, value: Any, *, from_text: bool) -> None:
+    parts = dotted.split(".")
+    if len(parts) != 2:
+        raise ConfigError(f"override {dotted!r}: expected section.field, e.g. train.lr")
+    section, key = parts
+    if section not in SECTIONS:
+        raise ConfigError(_unknown("section", section, list(SECTIONS)))
+    obj = getattr(cfg, section)
+    hints = typing.get_type_hints(type(obj))
+    names = [f.name for f in dataclasses.fields(obj)]
+    if key not in names:
+        raise ConfigError(_unknown(f"field of '{section}'", key, names, prefix=f"{section}."))
+    setattr(obj, key, _convert(f"{section}.{key}", hints[key], value, from_text))
+
+
+def _convert(name: str, tp: Any, value: Any, from_text: bool) -> Any:
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        choices = typing.get_args(tp)
+        if value not in choices:
+            raise ConfigError(f"{name}: {value!r} is not accepted; choose one of {', '.join(map(str, choices))}")
+        return value
+    if origin is tuple:
+        (item_tp, _ellipsis) = typing.get_args(tp)
+        if from_text:
+            items = [v.strip() for v in str(value).split(",") if v.strip()]
+        elif isinstance(value, list | tuple):
+            items = list(value)
+        else:
+            raise ConfigError(f"{name}: expected a list, got {value!r}")
+        return tuple(_convert(name, item_tp, v, from_text) for v in items)
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        if value is None or (from_text and str(value).lower() in ("none", "null")):
+            return None
+        return _convert(name, args[0], value, from_text)
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        if from_text and str(value).lower() in _TRUE | _FALSE:
+            return str(value).lower() in _TRUE
+        raise ConfigError(f"{name}: expected true or false, got {value!r}")
+    if tp is int:
+        if isinstance(value, bool) or (not from_text and not isinstance(value, int)):
+            raise ConfigError(f"{name}: expected an integer, got {value!r}")
+        try:
+            return int(str(value)) if from_text else value
+        except ValueError:
+            raise ConfigError(f"{name}: expected an integer, got {value!r}") from None
+    if tp is float:
+        if isinstance(value, bool):
+            raise ConfigError(f"{name}: expected a number, got {value!r}")
+        try:
+            out = float(value)
+        except (TypeError, ValueError):
+            raise ConfigError(f"{name}: expected a number, got {value!r}") from None
+        if not math.isfinite(out):
+            raise ConfigError(f"{name}: expected a finite number, got {value!r}")
+        return out
+    if tp is str:
+        if not from_text and not isinstance(value, str):
+            raise ConfigError(f"{name}: expected a string, got {value!r}")
+        return str(value)
+    raise TypeError(f"{name}: unsupported field type {tp!r}")  # a programming error in this module
+
+
+def _unknown(what: str, got: str, valid: list[str], prefix: str = "") -> str:
+    close = difflib.get_close_matches(got, valid, n=1)
+    hint = f" (did you mean {prefix}{close[0]}?)" if close else ""
+    return f"unknown {what} {got!r}{hint}; valid: {', '.join(prefix + v for v in valid)}"
+
+
+def _section_name(obj: Any) -> str:
+    return next(name for name, cls in SECTIONS.items() if isinstance(obj, cls))
+
+
+def _fail(obj: Any, key: str, value: Any, accepted: str) -> typing.NoReturn:
+    raise ConfigError(f"{_section_name(obj)}.{key}: got {value!r}; accepted: {accepted}")
+
+
+def _positive(obj: Any, *keys: str) -> None:
+    for key in keys:
+        if not getattr(obj, key) > 0:
+            _fail(obj, key, getattr(obj, key), "a value > 0")
+
+
+def _non_negative(obj: Any, *keys: str) -> None:
+    for key in keys:
+        if not getattr(obj, key) >= 0:
+            _fail(obj, key, getattr(obj, key), "a value >= 0")
+
+
+def _fraction(obj: Any, *keys: str, closed: bool) -> None:
+    for key in keys:
+        value = getattr(obj, key)
+        ok = 0.0 <= value <= 1.0 if closed else 0.0 <= value < 1.0
+        if not ok:
+            _fail(obj, key, value, "a fraction in [0, 1]" if closed else "a fraction in [0, 1)")
+
+
+def field_docs(cls: type) -> dict[str, str]:
+    """The docstring written under each field of a config dataclass."""
+    tree = ast.parse(textwrap.dedent(inspect.getsource(cls)))
+    body = tree.body[0].body  # type: ignore[attr-defined]
+    docs: dict[str, str] = {}
+    for node, nxt in zip(body, body[1:], strict=False):
+        if isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name):
+            if isinstance(nxt, ast.Expr) and isinstance(nxt.value, ast.Constant) and isinstance(nxt.value.value, str):
+                docs[node.target.id] = " ".join(nxt.value.value.split())
+    return docs
+
+
+def explain(cfg: Config) -> str:
+    """One line per field: dotted name, current value, docstring."""
+    lines = [f"recipe: {cfg.recipe}"]
+    for name, cls in SECTIONS.items():
+        docs = field_docs(cls)
+        lines.append(f"\n[{name}]")
+        for f in dataclasses.fields(cls):
+            value = getattr(getattr(cfg, name), f.name)
+            lines.append(f"  {name}.{f.name} = {value!r}\n      {docs.get(f.name, '')}")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m fastav.config {show,explain,deepspeed} [--recipe NAME] [section.field=value ...]``."""
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="python -m fastav.config", description=main.__doc__)
+    parser.add_argument("command", choices=["show", "explain", "deepspeed"])
+    parser.add_argument("--recipe", default="debug", choices=sorted(RECIPES))
+    parser.add_argument("overrides", nargs="*", help="section.field=value")
+    args = parser.parse_intermixed_args(argv)
+    try:
+        cfg = load_config(args.recipe, args.overrides)
+    except ConfigError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    if args.command == "show":
+        print(cfg.to_json())
+    elif args.command == "deepspeed":
+        print(json.dumps(cfg.deepspeed_config(), indent=2))
+    else:
+        print(explain(cfg))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

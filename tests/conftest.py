@@ -1,0 +1,61 @@
+"""Shared fixtures. Kernels run under Triton's interpreter when there is no GPU (set before any import)."""
+
+from __future__ import annotations
+
+import os
+import random
+
+import pytest
+
+os.environ.setdefault("FASTAV_NO_PROGRESS", "1")
+
+
+def _cuda_available() -> bool:
+    try:
+        import torch
+
+        return torch.cuda.is_available()
+    except ImportError:
+        return False
+
+
+if not _cuda_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    if _cuda_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU (run `make gpu-test` on a GPU machine)")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture(autouse=True)
+def _seed() -> None:
+    """Every test starts from the same RNG state."""
+    random.seed(0)
+    try:
+        import numpy as np
+
+        np.random.seed(0)
+    except ImportError:
+        pass
+    try:
+        import torch
+
+        torch.manual_seed(0)
+    except ImportError:
+        pass
+
+
+@pytest.fixture(scope="session")
+def synth_dataset(tmp_path_factory: pytest.TempPathFactory):
+    """A small synthetic dataset (3 tasks x 4 classes, 12 clips each), built once per test session."""
+    from shards.synth import SynthSpec, generate
+
+    root = tmp_path_factory.mktemp("synth")
+    spec = SynthSpec(categories=3, classes_per_category=4, clips_per_class=12, shard_size=16, retrieval_per_class=2)
+    manifest = generate(spec, root, workers=2, show_progress=False)
+    return root, manifest, spec
