@@ -28,5 +28,7 @@ if ! "$venv/bin/python" -c 'import deepspeed, sys; sys.exit(deepspeed.__version_
   "${pip[@]}" install -q --no-build-isolation deepspeed==0.19.8
 fi
 step "fastav (editable) with DALI, webdataset, PyAV, numpy 2.3, matplotlib, tensorboard, ruff, pytest"
-"${pip[@]}" install -q -e ".[dev]"
-step "done: $("$venv/bin/python" -c 'import torch, nvidia.dali, deepspeed, av, numpy; print(f"torch {torch.__version__}, dali {nvidia.dali.__version__}, deepspeed {deepspeed.__version__}, av {av.__version__}, numpy {numpy.__version__}")' 2>/dev/null)"
+# compat mode: a plain path entry, so every top-level package of the checkout (fastav, kernels, shards) imports
+"${pip[@]}" install -q -e ".[dev]" --config-settings editable_mode=compat
+step "done: $("$venv/bin/python" -c 'import torch, nvidia.dali, av, numpy; print(f"torch {torch.__version__}, dali {nvidia.dali.__version__}, av {av.__version__}, numpy {numpy.__version__}")')", \
+  "deepspeed $("$venv/bin/python" -m pip show deepspeed 2>/dev/null | sed -n 's/^Version: //p')"
