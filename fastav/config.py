@@ -76,6 +76,8 @@ class DataConfig:
     """SpecAugment time mask width (0 = off; CAV-MAE fine-tuning uses 192)."""
     mixup: float = 0.0
     """Probability of mixup per sample (fine-tuning only; CAV-MAE uses 0.5)."""
+    label_smoothing: float = 0.0
+    """Label smoothing epsilon of the targets (fine-tuning only; CAV-MAE uses 0.1)."""
     num_threads: int = 2
     """CPU threads of the data pipeline per process."""
     prefetch: int = 2
@@ -91,7 +93,7 @@ class DataConfig:
         _positive(self, "batch_size", "num_frames", "frame_size", "target_length", "num_mel_bins", "num_threads")
         _positive(self, "prefetch", "fbank_std")
         _non_negative(self, "specaug_freq", "specaug_time", "eval_window_start")
-        _fraction(self, "mixup", "max_skip_fraction", closed=True)
+        _fraction(self, "mixup", "max_skip_fraction", "label_smoothing", closed=True)
         if self.sampling == "cavmae" and self.num_frames != 1:
             _fail(self, "num_frames", self.num_frames, "1 when data.sampling='cavmae' (CAV-MAE uses one frame)")
         if self.specaug_freq > self.num_mel_bins:
@@ -152,6 +154,18 @@ class ModelConfig:
     """STELLA kernels: fused Triton, plain-PyTorch reference, or auto (Triton where it can run)."""
     drop_path: float = 0.0
     """Stochastic depth rate of the encoder."""
+    tagged_norms: Literal["shared", "all"] = "shared"
+    """Blocks carrying the audio-only and video-only LayerNorm sets: 'shared' layers only (STELLA) or 'all'
+    blocks, modality-specific and decoder included, where they are unused but present (CAV-MAE's code: they
+    are in its checkpoints and its 191.0 M parameter count)."""
+    decoder_joint: bool = False
+    """Decode audio and video as one joint sequence (CAV-MAE) instead of separately with shared weights (STELLA)."""
+    gather_negatives: bool = True
+    """InfoNCE negatives from every data-parallel rank (STELLA) instead of the local batch only (CAV-MAE's
+    DataParallel sub-batches)."""
+    avm_layout: Literal["standard", "official"] = "standard"
+    """AVM output layout before token pooling: 'standard' (heads concatenated per token) or 'official'
+    (STELLA's reshape without moving the head axis, needed to reproduce its released AVM weights)."""
 
     def validate(self) -> None:
         _positive(self, "embed_dim", "num_heads", "mlp_ratio", "specific_depth", "patch_size")
@@ -165,6 +179,10 @@ class ModelConfig:
             _fail(self, "decoder_dim", self.decoder_dim, f"a multiple of model.decoder_heads ({self.decoder_heads})")
         if self.avm and self.shared_depth == 0:
             _fail(self, "avm", self.avm, "false when model.shared_depth=0 (the AVM reads the shared layers)")
+        if self.embed_dim % 4:
+            _fail(self, "embed_dim", self.embed_dim, "a multiple of 4 (2-D sin-cos positional embeddings)")
+        if self.decoder_dim % 4:
+            _fail(self, "decoder_dim", self.decoder_dim, "a multiple of 4 (2-D sin-cos positional embeddings)")
 
 
 @dataclass(kw_only=True)
@@ -205,10 +223,16 @@ class TrainConfig:
     """Steps between checkpoints (0 = only at the end of each task or epoch)."""
     tensorboard: bool = True
     """Also write TensorBoard event files next to metrics.jsonl."""
+    resume: str = ""
+    """Checkpoint to resume from: a checkpoint directory (run_dir/checkpoints/step_000100), 'auto' (the latest
+    one in run_dir/checkpoints, or a fresh start when there is none) or empty (fresh start)."""
+    keep_checkpoints: int = 3
+    """Checkpoints kept in run_dir/checkpoints; older ones are deleted after each save (0 = keep all)."""
 
     def validate(self) -> None:
         _positive(self, "lr", "epochs", "grad_accum", "log_every", "gamma")
         _non_negative(self, "weight_decay", "warmup_epochs", "max_steps", "grad_clip", "checkpoint_every")
+        _non_negative(self, "keep_checkpoints")
         if len(self.betas) != 2 or not all(0.0 <= b < 1.0 for b in self.betas):
             _fail(self, "betas", self.betas, "two numbers in [0, 1), e.g. 0.95,0.999")
         if list(self.milestones) != sorted(set(self.milestones)) or any(m <= 0 for m in self.milestones):
@@ -280,11 +304,13 @@ class DistributedConfig:
     """Overlap gradient reduction with the backward pass."""
     reduce_bucket_size: int = 500_000_000
     """Elements per gradient reduction bucket."""
+    timeout_minutes: int = 30
+    """Timeout of collective operations (a rank waiting longer for the others fails instead of hanging)."""
 
     def validate(self) -> None:
         if self.zero_stage not in (0, 1, 2, 3):
             _fail(self, "zero_stage", self.zero_stage, "one of 0, 1, 2, 3")
-        _positive(self, "reduce_bucket_size")
+        _positive(self, "reduce_bucket_size", "timeout_minutes")
 
 
 SECTIONS: dict[str, type] = {
@@ -439,6 +465,9 @@ def cavmae_base() -> Config:
         contrastive_weight=0.01,
         bidirectional_contrastive=False,
         avm=False,
+        tagged_norms="all",
+        decoder_joint=True,
+        gather_negatives=False,
     )
     cfg.train = dataclasses.replace(
         cfg.train, lr=5e-5, schedule="multistep", milestones=(10, 15, 20, 25), gamma=0.5, epochs=25
