@@ -1,0 +1,138 @@
+"""End-to-end throughput: clips/s of fastav against the plain-PyTorch way, measured side by side in one run.
+
+Rows so far (the training-step rows join when the trainer lands):
+
+- ``data``: the DALI pipeline (decode, frame sampling, crop/resize/normalise, Kaldi fbank, augmentation) against
+  the reference loader (a DataLoader with PyAV, torchaudio and PIL in worker processes), on the same shards and
+  the same number of clips, in training mode, at base sizes (4 frames of 224 px, 1024 x 128 fbank) by default.
+
+The shards are generated once (``python -m shards synth``, 256 px VP9 + FLAC like real shards) and reused.
+Prints a table, then one JSON line last. On a CPU only the ratio is meaningful; absolute figures count on a GPU.
+
+    python bench/throughput.py --data-only [--clips 96] [--batch-size 12] [--workers N]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from fastav.config import load_config  # noqa: E402
+from fastav.data import build_loader  # noqa: E402
+from fastav.data.reference import reference_loader  # noqa: E402
+from shards.synth import SynthSpec, generate  # noqa: E402
+
+
+def _git_sha() -> str:
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True).stdout.strip()
+    except OSError:
+        return "unknown"
+
+
+def _device_name() -> str:
+    if torch.cuda.is_available():
+        return torch.cuda.get_device_name()
+    return f"cpu ({os.cpu_count()} cores, {platform.processor() or platform.machine()})"
+
+
+def _time_batches(iterator, batches: int, warmup: int, sync) -> tuple[int, float]:
+    """(clips, seconds) over ``batches`` batches after ``warmup`` untimed ones."""
+    clips = 0
+    start = None
+    for i, batch in enumerate(iterator):
+        if i == warmup:
+            sync()
+            start = time.perf_counter()
+        if i >= warmup:
+            clips += int(batch["index"].shape[0])
+        if i + 1 == warmup + batches:
+            break
+    sync()
+    if start is None:
+        raise RuntimeError("not enough batches for the warm-up; use more --clips")
+    return clips, time.perf_counter() - start
+
+
+def bench_data(args: argparse.Namespace) -> dict:
+    data = Path(args.data)
+    spec = SynthSpec(categories=1, classes_per_category=4, clips_per_class=max(args.clips // 4, 4),
+                     size=args.size, duration=args.duration, test_fraction=0.1, retrieval_per_class=0,
+                     shard_size=64)  # fmt: skip
+    generate(spec, data, workers=args.workers, show_progress=True)
+    cfg = load_config(
+        args.recipe,
+        [
+            f"data.root={data}",
+            f"data.batch_size={args.batch_size}",
+            f"data.num_threads={args.workers}",
+            "data.device=" + ("gpu" if torch.cuda.is_available() else "cpu"),
+        ],
+    )
+    sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
+    n_batches = max(1, (spec.clips_per_class * 4 * 9 // 10) // args.batch_size - args.warmup)
+
+    def fastav_batches():
+        loader = build_loader(cfg, "train")
+        while True:
+            yield from loader
+
+    def reference_batches():
+        while True:
+            yield from reference_loader(cfg, "train", batch_size=args.batch_size, num_workers=args.workers, train=True)
+
+    rows = {}
+    for name, make in (("fastav (DALI)", fastav_batches), ("reference (PyAV+torchaudio+PIL)", reference_batches)):
+        clips, seconds = _time_batches(make(), n_batches, args.warmup, sync)
+        rows[name] = {"clips": clips, "seconds": round(seconds, 3), "clips_per_s": round(clips / seconds, 2)}
+    fast, ref = rows["fastav (DALI)"], rows["reference (PyAV+torchaudio+PIL)"]
+    return {
+        "rows": rows,
+        "ratio": round(fast["clips_per_s"] / ref["clips_per_s"], 2),
+        "shape": {"frames": cfg.data.num_frames, "frame_size": cfg.data.frame_size, "fbank": [cfg.data.target_length,
+                  cfg.data.num_mel_bins], "source_px": args.size, "batch_size": args.batch_size},  # fmt: skip
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--data-only", action="store_true", help="only the data-pipeline row (the only row so far)")
+    parser.add_argument("--recipe", default="base", help="config recipe for sizes (default base: 4 x 224 px)")
+    parser.add_argument("--data", default=str(REPO / "runs" / "bench" / "data-256"), help="where to keep the shards")
+    parser.add_argument("--clips", type=int, default=96, help="clips in the generated training split")
+    parser.add_argument("--size", type=int, default=256, help="side of the generated frames")
+    parser.add_argument("--duration", type=float, default=4.0)
+    parser.add_argument("--batch-size", type=int, default=12)
+    parser.add_argument("--warmup", type=int, default=1)
+    parser.add_argument("--workers", type=int, default=os.cpu_count() or 1)
+    args = parser.parse_args(argv)
+
+    data = bench_data(args)
+    print(f"\n{'row':<36} {'clips':>6} {'seconds':>8} {'clips/s':>9}")
+    for name, row in data["rows"].items():
+        print(f"{name:<36} {row['clips']:>6} {row['seconds']:>8.2f} {row['clips_per_s']:>9.2f}")
+    print(f"{'ratio fastav / reference':<36} {'':>6} {'':>8} {data['ratio']:>9.2f}x")
+    result = {
+        "bench": "throughput",
+        "git_sha": _git_sha(),
+        "device": _device_name(),
+        "recipe": args.recipe,
+        "data": data,
+    }
+    print(json.dumps(result))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
