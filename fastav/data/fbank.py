@@ -101,7 +101,7 @@ def kaldi_fbank(
     prev_BMW = torch.cat([frames_BMW[..., :1], frames_BMW[..., :-1]], dim=2)  # first sample replicated
     frames_BMW = frames_BMW - preemphasis * prev_BMW
     frames_BMW = frames_BMW * torch.hann_window(win, periodic=False, device=device, dtype=torch.float32)
-    power_BMF = torch.fft.rfft(frames_BMW, n=n_fft).abs().pow(2.0)
+    power_BMF = torch.view_as_real(torch.fft.rfft(frames_BMW, n=n_fft)).pow(2).sum(-1)  # |X|^2 without a sqrt
     banks_KF = mel_banks(num_mel_bins, n_fft, sample_rate, device)
     logmel_BMK = torch.matmul(power_BMF, banks_KF.T).clamp(min=torch.finfo(torch.float32).eps).log()
 
