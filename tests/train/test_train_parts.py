@@ -1,0 +1,104 @@
+"""Trainer parts that need no process group: parameter groups, schedule, RNG state, synthetic loader, resume paths."""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from fastav.config import load_config
+from fastav.models import build_pretrain_model
+from fastav.train import SyntheticAV, lr_factor, parameter_groups, recall_at_k
+from fastav.train.engine import build_optimizer, build_scheduler, resolve_resume, rng_state, set_rng_state
+
+
+def test_no_weight_decay_on_biases_norms_tables_embeddings_and_tokens() -> None:
+    cfg = load_config("cavmae_base", ["model.embed_dim=32", "model.num_heads=2", "model.decoder_dim=16"])
+    model = build_pretrain_model(cfg)
+    decay, no_decay = parameter_groups(model, 5e-7)
+    names = {id(p): n for n, p in model.named_parameters()}
+    no_decay_names = {names[id(p)] for p in no_decay["params"]}
+    decay_names = {names[id(p)] for p in decay["params"]}
+    assert decay["weight_decay"] == 5e-7 and no_decay["weight_decay"] == 0.0
+    assert {"encoder.embed_a.modality", "decoder.mask_token", "decoder.modality_v"} <= no_decay_names
+    assert {"encoder.blocks_a.0.norm1.weight", "encoder.blocks_u.0.attn.qkv.bias"} <= no_decay_names
+    assert {"encoder.blocks_a.0.attn.qkv.weight", "encoder.embed_v.proj.weight", "decoder.pred_a.weight"} <= decay_names
+    frozen = {"encoder.embed_a.pos", "decoder.pos_embed_v"}  # CAV-MAE's fixed sin-cos tables: not optimised
+    assert not frozen & (decay_names | no_decay_names)
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    assert trainable == sum(p.numel() for g in (decay, no_decay) for p in g["params"])
+    stella = build_pretrain_model(load_config("debug"))
+    groups = parameter_groups(stella, 1e-3)
+    learnable = {n for n, p in stella.named_parameters() if any(p is q for q in groups[1]["params"])}
+    assert {"encoder.embed_a.pos", "encoder.inter_pos_v.weight", "decoder.pos_embed_a"} <= learnable
+
+
+def test_cavmae_multistep_schedule_per_epoch() -> None:
+    train = load_config("cavmae_base").train  # milestones 10, 15, 20, 25; gamma 0.5
+    factors = [lr_factor(train, e) for e in range(26)]
+    assert factors[:10] == [1.0] * 10  # epochs 1-10 at full lr (cav_mae.md §5)
+    assert factors[10:15] == [0.5] * 5 and factors[15] == 0.25 and factors[20] == 0.125 and factors[25] == 0.0625
+    assert lr_factor(train, 9.99) == 1.0
+    warm = load_config("debug", ["train.warmup_epochs=2", "train.schedule=cosine", "train.epochs=10"]).train
+    assert lr_factor(warm, 1.0) == pytest.approx(0.5) and lr_factor(warm, 2.0) == pytest.approx(1.0)
+    assert lr_factor(warm, 10.0) == pytest.approx(0.0, abs=1e-12)
+    model = torch.nn.Linear(2, 2)
+    opt = build_optimizer(model, train)
+    sched = build_scheduler(opt, train, steps_per_epoch=4)
+    lrs = []
+    for _ in range(48):
+        lrs.append(sched.get_last_lr()[0])
+        opt.step()
+        sched.step()
+    assert lrs[39] == pytest.approx(5e-5) and lrs[40] == pytest.approx(2.5e-5)  # step 40 = start of epoch 11
+    assert isinstance(opt, torch.optim.Adam) and opt.defaults["betas"] == (0.95, 0.999)
+
+
+def test_rng_state_round_trip() -> None:
+    random.seed(1), np.random.seed(2), torch.manual_seed(3)
+    state = rng_state()
+    first = (random.random(), np.random.rand(), torch.rand(1).item())
+    random.seed(9), np.random.seed(9), torch.manual_seed(9)
+    set_rng_state(state)
+    assert (random.random(), np.random.rand(), torch.rand(1).item()) == first
+
+
+def test_synthetic_loader_is_deterministic_split_and_resumable() -> None:
+    cfg = load_config("debug", ["data.batch_size=4"])
+    ranks = [SyntheticAV(cfg, num_samples=40, rank=r, world_size=2) for r in range(2)]
+    assert len(ranks[0]) == 5
+    ids = [torch.cat([b["index"] for b in loader]) for loader in ranks]
+    assert set(ids[0].tolist()).isdisjoint(ids[1].tolist()) and all(x.epoch == 1 for x in ranks)
+    loader = SyntheticAV(cfg, num_samples=40)
+    batch = next(iter(loader))
+    assert batch["video"].shape == (4, 4, 3, 64, 64) and batch["fbank"].shape == (4, 256, 64)
+    assert batch["labels"].shape == (4, 8) and batch["index"].dtype == torch.int64
+    it = iter(loader)
+    seen = [next(it)["index"] for _ in range(2)]
+    state = loader.state_dict()
+    rest = [b["index"] for b in it] + [b["index"] for b in loader]  # end of epoch 0, then epoch 1
+    again = SyntheticAV(cfg, num_samples=40)
+    again.load_state_dict(state)
+    assert state == {"epoch": 0, "batch": 3}
+    replay = [b["index"] for b in again] + [b["index"] for b in again]
+    assert all(torch.equal(a, b) for a, b in zip(rest, replay, strict=True))
+    assert not torch.equal(seen[0], rest[-1])
+    same = SyntheticAV(cfg, num_samples=40).sample(7)
+    assert torch.equal(same[0], loader.sample(7)[0]) and torch.equal(same[1], loader.sample(7)[1])
+
+
+def test_recall_at_k_and_resume_paths(tmp_path: Path) -> None:
+    a = torch.eye(4)
+    v = torch.eye(4)[[0, 1, 3, 2]]
+    assert recall_at_k(a, v, ks=(1, 2)) == {1: 0.5, 2: 1.0}
+    assert resolve_resume("", tmp_path) is None and resolve_resume("auto", tmp_path) is None
+    (tmp_path / "step_00000004" / "state").mkdir(parents=True)
+    (tmp_path / "step_00000012" / "state").mkdir(parents=True)
+    assert resolve_resume("auto", tmp_path) == tmp_path / "step_00000012"
+    (tmp_path / "latest").write_text("step_00000004\n")
+    assert resolve_resume("auto", tmp_path) == tmp_path / "step_00000004"
+    with pytest.raises(FileNotFoundError, match="train.resume: .* is not a checkpoint directory"):
+        resolve_resume(str(tmp_path / "nope"), tmp_path)
