@@ -36,7 +36,8 @@ from shards.synth import SynthSpec, generate  # noqa: E402
 
 def _git_sha() -> str:
     try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True).stdout.strip()
+        done = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True)
+        return done.stdout.strip() or "unknown"
     except OSError:
         return "unknown"
 
@@ -100,8 +101,13 @@ def bench_data(args: argparse.Namespace) -> dict:
     return {
         "rows": rows,
         "ratio": round(fast["clips_per_s"] / ref["clips_per_s"], 2),
-        "shape": {"frames": cfg.data.num_frames, "frame_size": cfg.data.frame_size, "fbank": [cfg.data.target_length,
-                  cfg.data.num_mel_bins], "source_px": args.size, "batch_size": args.batch_size},  # fmt: skip
+        "shape": {
+            "frames": cfg.data.num_frames,
+            "frame_size": cfg.data.frame_size,
+            "fbank": [cfg.data.target_length, cfg.data.num_mel_bins],
+            "source_px": args.size,
+            "batch_size": args.batch_size,
+        },  # fmt: skip
     }
 
 

@@ -1,0 +1,123 @@
+"""STELLA's per-step patch selection, composed from the fused ops: what the continual method calls.
+
+Legend (shape suffixes): B = batch rows (current + replay), L = patches of one modality, k = patches kept.
+
+- ``select_video``: prune the importance with Bernoulli(π_v) (``prune_weights``), then draw k patches without
+  replacement in proportion to what is left (``weighted_sample``) (stella.md §4.1).
+- ``select_audio``: Bernoulli(π_a) pruned mask (``bernoulli_prune``), then the chunked time selection
+  (``chunk_select``) (stella.md §4.2).
+- ``deterministic=True``: the first step while the replay buffer is empty (stella.md §4.3): top-k by importance,
+  no pruning, no chunking (π is ignored and may be None).
+
+Both return the kept patch ids (B, k) int64 in ascending order, ready for ``gather_*_patches`` and for gathering
+positional embeddings. Every piece runs on the device with static shapes and no host value on the Triton path;
+the rows of replay samples simply use their stored I and π (concatenate before calling).
+
+References:
+    Lee et al., "STELLA: Continual Audio-Video Pre-training with Spatio-Temporal Localized Alignment",
+    ICML 2024, arXiv 2310.08204 (§4, multimodal patch selection).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from kernels.chunk_select import chunk_select, chunk_select_ref
+from kernels.weighted_sample import (
+    bernoulli_prune,
+    bernoulli_prune_ref,
+    prune_weights,
+    prune_weights_ref,
+    topk_indices,
+    topk_indices_ref,
+    weighted_sample,
+    weighted_sample_ref,
+)
+
+__all__ = ["select_audio", "select_audio_ref", "select_video", "select_video_ref"]
+
+
+def _check_pi(importance: torch.Tensor, pi: torch.Tensor | None, deterministic: bool) -> None:
+    if not deterministic and (pi is None or pi.shape != importance.shape):
+        got = None if pi is None else tuple(pi.shape)
+        raise ValueError(f"pi must have the importance shape {tuple(importance.shape)}, got {got}")
+
+
+@torch.no_grad()
+def select_video(
+    importance: torch.Tensor,
+    pi: torch.Tensor | None,
+    k: int,
+    rng: torch.Tensor,
+    *,
+    deterministic: bool = False,
+    stream: int = 0,
+) -> torch.Tensor:
+    """Video patches to keep: (B, L) importance I_v and pruning probabilities π_v -> (B, k) ids, ascending.
+
+    ``stream`` separates this call's random numbers from other calls sharing ``rng`` in the step (video uses
+    stream 0 and audio stream 1 by default).
+    """
+    _check_pi(importance, pi, deterministic)
+    if deterministic:
+        return topk_indices(importance, k).sort(dim=1).values
+    kept_weights, _ = prune_weights(importance, pi, rng, stream=stream)
+    return weighted_sample(kept_weights, k, rng, stream=stream).sort(dim=1).values
+
+
+def select_video_ref(
+    importance: torch.Tensor,
+    pi: torch.Tensor | None,
+    k: int,
+    *,
+    deterministic: bool = False,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """Reference of :func:`select_video` (torch RNG)."""
+    _check_pi(importance, pi, deterministic)
+    if deterministic:
+        return topk_indices_ref(importance, k).sort(dim=1).values
+    kept_weights, _ = prune_weights_ref(importance, pi, generator)
+    return weighted_sample_ref(kept_weights, k, generator).sort(dim=1).values
+
+
+@torch.no_grad()
+def select_audio(
+    importance: torch.Tensor,
+    pi: torch.Tensor | None,
+    k: int,
+    rng: torch.Tensor,
+    *,
+    chunk_times: int = 4,
+    freq_patches: int = 8,
+    deterministic: bool = False,
+    stream: int = 1,
+) -> torch.Tensor:
+    """Audio patches to keep: (B, L) importance I_a (time-major) and π_a -> (B, k) ids, ascending."""
+    _check_pi(importance, pi, deterministic)
+    if deterministic:
+        return topk_indices(importance, k).sort(dim=1).values
+    pruned = bernoulli_prune(pi, rng, stream=stream)
+    ids, _ = chunk_select(importance, pruned, k, rng, chunk_times=chunk_times, freq_patches=freq_patches, stream=stream)
+    return ids
+
+
+def select_audio_ref(
+    importance: torch.Tensor,
+    pi: torch.Tensor | None,
+    k: int,
+    *,
+    chunk_times: int = 4,
+    freq_patches: int = 8,
+    deterministic: bool = False,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """Reference of :func:`select_audio` (torch RNG)."""
+    _check_pi(importance, pi, deterministic)
+    if deterministic:
+        return topk_indices_ref(importance, k).sort(dim=1).values
+    pruned = bernoulli_prune_ref(pi, generator)
+    ids, _ = chunk_select_ref(
+        importance, pruned, k, chunk_times=chunk_times, freq_patches=freq_patches, generator=generator
+    )
+    return ids
