@@ -194,7 +194,7 @@ def generator_from_rng(rng: torch.Tensor, stream: int) -> torch.Generator:
     Triton path's. The reference draws different numbers than the kernel for the same ``rng`` (same distribution).
     """
     check_rng(rng)
-    seed, offset = (int(v) for v in rng.tolist())
+    seed, offset = (int(v) for v in rng.tolist())  # sync-ok: reference path only
     mixed = (seed * 0x9E3779B97F4A7C15 + offset * 0xBF58476D1CE4E5B9 + stream * 0x94D049BB133111EB) % (2**63)
     gen = torch.Generator(device=rng.device)
     gen.manual_seed(mixed)

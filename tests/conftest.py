@@ -33,6 +33,18 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 
 
 @pytest.fixture(autouse=True)
+def _one_thread():
+    """One intra-op thread: the test models are tiny, and on a shared 2-core machine OpenMP threads competing with
+    other processes make a debug-size step a hundred times slower."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(autouse=True)
 def _seed() -> None:
     """Every test starts from the same RNG state."""
     random.seed(0)

@@ -200,9 +200,8 @@ def set_rng_state(state: Mapping[str, Any]) -> None:
     words = py["state"].tolist()  # sync-ok: resume, not a step
     random.setstate((py["version"], tuple(int(x) for x in words), py["gauss"]))
     nps = state["numpy"]
-    np.random.set_state(
-        (nps["name"], nps["keys"].numpy().astype(np.uint32), nps["pos"], nps["has_gauss"], nps["gauss"])
-    )
+    keys = nps["keys"].numpy().astype(np.uint32)  # sync-ok: resume, not a step
+    np.random.set_state((nps["name"], keys, nps["pos"], nps["has_gauss"], nps["gauss"]))
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state(state["cuda"])

@@ -116,7 +116,7 @@ class SyntheticAV:
         """(video (T, 3, H, W), fbank (T, F)) of sample ``i``; a fixed function of ``(seed, i)``."""
         gen = torch.Generator().manual_seed(self.seed * 7_919 + i * 104_729 + 17)
         c = i % self.num_classes
-        u0, u1 = (float(u) for u in torch.rand(2, generator=gen, dtype=torch.float64).numpy())
+        u0, u1 = torch.rand(2, generator=gen, dtype=torch.float64).tolist()  # sync-ok: CPU generator, test data
         class_gen = torch.Generator().manual_seed(self.seed * 31 + c)
         colour = torch.rand(3, generator=class_gen) * 4 - 2
         velocity = (torch.rand(2, generator=class_gen) - 0.5) * 0.2
