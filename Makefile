@@ -33,7 +33,7 @@ format: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python bench/kernels.py --quick
-	$(BIN)/python bench/throughput.py --data-only
+	$(BIN)/python bench/throughput.py --data-only --audio
 
 gpu-test:
 	PYTHONPATH=$(CURDIR):$$PYTHONPATH $(GPU_PY) -m pytest -m gpu -p no:cacheprovider $(PYTEST_ARGS)

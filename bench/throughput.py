@@ -2,6 +2,9 @@
 
 Rows so far (the training-step rows join when the trainer lands):
 
+- ``audio`` (``--audio``): DALI's audio decoder on 10-s clips stored as FLAC and as WAV, one CPU thread, and
+  the batched Kaldi fbank on the same waveforms: whether FLAC decoding can limit the loader (it runs on the host's
+  CPU threads even when the video is decoded by NVDEC).
 - ``data``: the DALI pipeline (decode, frame sampling, crop/resize/normalise, Kaldi fbank, augmentation) against
   the reference loader (a DataLoader with PyAV, torchaudio and PIL in worker processes), on the same shards and
   the same number of clips, in training mode, at base sizes (4 frames of 224 px, 1024 x 128 fbank) by default.
@@ -10,6 +13,7 @@ The shards are generated once (``python -m shards synth``, 256 px VP9 + FLAC lik
 Prints a table, then one JSON line last. On a CPU only the ratio is meaningful; absolute figures count on a GPU.
 
     python bench/throughput.py --data-only [--clips 96] [--batch-size 12] [--workers N]
+    python bench/throughput.py --audio
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
@@ -90,8 +95,9 @@ def bench_data(args: argparse.Namespace) -> dict:
             yield from loader
 
     def reference_batches():
+        loader = reference_loader(cfg, "train", batch_size=args.batch_size, num_workers=args.workers, train=True)
         while True:
-            yield from reference_loader(cfg, "train", batch_size=args.batch_size, num_workers=args.workers, train=True)
+            yield from loader
 
     rows = {}
     for name, make in (("fastav (DALI)", fastav_batches), ("reference (PyAV+torchaudio+PIL)", reference_batches)):
@@ -111,9 +117,82 @@ def bench_data(args: argparse.Namespace) -> dict:
     }
 
 
+def _cycling_batches(items: list, batch: int):
+    """A zero-argument batch source for ``fn.external_source`` that cycles through ``items``."""
+    state = {"next": 0}
+
+    def source() -> list:
+        start = state["next"]
+        state["next"] = (start + batch) % len(items)
+        return [items[start + j] for j in range(batch)]
+
+    return source
+
+
+def _audio_pipeline(source, batch: int):
+    """DALI's CPU audio decoder alone, one thread, fed encoded files by ``source``."""
+    from nvidia.dali import fn, pipeline_def, types
+
+    @pipeline_def(batch_size=batch, num_threads=1, device_id=None, exec_dynamic=True, prefetch_queue_depth=1)
+    def pipe():
+        wave, _ = fn.decoders.audio(
+            fn.external_source(source=source, dtype=types.UINT8), dtype=types.FLOAT, downmix=True
+        )
+        return fn.pad(wave, axes=[0], fill_value=0.0), fn.cast(wave.shape(), dtype=types.INT64)
+
+    p = pipe()
+    p.build()
+    return p
+
+
+def bench_audio(args: argparse.Namespace) -> dict:
+    from fastav.data.fbank import kaldi_fbank
+    from fastav.data.index import ShardIndex
+    from shards.manifest import load_manifest
+
+    rows = {}
+    batch = 16
+    for fmt in ("flac", "wav"):
+        root = Path(args.data).with_name(f"audio-10s-{fmt}")
+        spec = SynthSpec(categories=1, classes_per_category=4, clips_per_class=17, size=32, duration=10.0,
+                         test_fraction=0.06, retrieval_per_class=0, audio_format=fmt)  # fmt: skip
+        generate(spec, root, workers=args.workers, show_progress=False)
+        index = ShardIndex(root, load_manifest(root), "train")
+        blobs = [index.fetch(i).audio for i in range(len(index))][: (len(index) // batch) * batch]
+        p = _audio_pipeline(_cycling_batches(blobs, batch), batch)
+        p.run()  # warm-up
+        n_batches = len(blobs) // batch
+        start = time.perf_counter()
+        for _ in range(n_batches):
+            wave, length = p.run()
+        seconds = time.perf_counter() - start
+        size = sum(len(b) for b in blobs) / len(blobs)
+        rows[f"decode {fmt} (1 thread)"] = {"clips": n_batches * batch, "seconds": round(seconds, 3),
+                                            "clips_per_s": round(n_batches * batch / seconds, 1),
+                                            "kb_per_clip": round(size / 1024, 1)}  # fmt: skip
+    wave_t = torch.from_numpy(np.array(wave.as_tensor()))
+    length_t = torch.from_numpy(np.array(length.as_tensor())).view(-1)
+    kaldi_fbank(wave_t, length_t)  # warm-up
+    start = time.perf_counter()
+    for _ in range(4):
+        kaldi_fbank(wave_t, length_t)
+    seconds = time.perf_counter() - start
+    rows[f"kaldi fbank ({torch.get_num_threads()} torch threads)"] = {
+        "clips": 4 * batch, "seconds": round(seconds, 3), "clips_per_s": round(4 * batch / seconds, 1)
+    }  # fmt: skip
+    return {"rows": rows}
+
+
+def _print_rows(rows: dict) -> None:
+    print(f"\n{'row':<36} {'clips':>6} {'seconds':>8} {'clips/s':>9}")
+    for name, row in rows.items():
+        print(f"{name:<36} {row['clips']:>6} {row['seconds']:>8.2f} {row['clips_per_s']:>9.2f}")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data-only", action="store_true", help="only the data-pipeline row (the only row so far)")
+    parser.add_argument("--audio", action="store_true", help="also the FLAC / WAV decode and fbank rows")
     parser.add_argument("--recipe", default="base", help="config recipe for sizes (default base: 4 x 224 px)")
     parser.add_argument("--data", default=str(REPO / "runs" / "bench" / "data-256"), help="where to keep the shards")
     parser.add_argument("--clips", type=int, default=96, help="clips in the generated training split")
@@ -124,18 +203,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--workers", type=int, default=os.cpu_count() or 1)
     args = parser.parse_args(argv)
 
+    result = {"bench": "throughput", "git_sha": _git_sha(), "device": _device_name(), "recipe": args.recipe}
+    if args.audio:
+        result["audio"] = bench_audio(args)
+        _print_rows(result["audio"]["rows"])
     data = bench_data(args)
-    print(f"\n{'row':<36} {'clips':>6} {'seconds':>8} {'clips/s':>9}")
-    for name, row in data["rows"].items():
-        print(f"{name:<36} {row['clips']:>6} {row['seconds']:>8.2f} {row['clips_per_s']:>9.2f}")
+    _print_rows(data["rows"])
     print(f"{'ratio fastav / reference':<36} {'':>6} {'':>8} {data['ratio']:>9.2f}x")
-    result = {
-        "bench": "throughput",
-        "git_sha": _git_sha(),
-        "device": _device_name(),
-        "recipe": args.recipe,
-        "data": data,
-    }
+    result["data"] = data
     print(json.dumps(result))
     return 0
 

@@ -38,6 +38,7 @@ def _synth(args: argparse.Namespace) -> int:
         shard_size=args.shard_size,
         keyframe_interval=args.keyframe_interval,
         codec=args.codec,
+        audio_format=args.audio_format,
     )
     start = time.monotonic()
     manifest = generate(spec, args.out, workers=args.workers, show_progress=not args.quiet)
@@ -172,6 +173,12 @@ def _add_encoding_args(p: argparse.ArgumentParser) -> None:
         help="mono from the first channel (CAV-MAE) or the mean of all channels",
     )
     g.add_argument("--sample-rate", type=int, default=16000, help="audio sample rate (default 16000)")
+    g.add_argument(
+        "--audio-format",
+        choices=["flac", "wav"],
+        default="flac",
+        help="16-bit FLAC (default, a third of the size) or WAV (cheaper to decode; see bench/throughput.py --audio)",
+    )
 
 
 def _input_options(args: argparse.Namespace) -> InputOptions:
@@ -253,6 +260,7 @@ def _clip_params(args: argparse.Namespace) -> ClipParams:
         short_clips=args.short_clips,
         sample_rate=args.sample_rate,
         channel_rule=args.channel_rule,
+        audio_format=args.audio_format,
     )
 
 
@@ -385,6 +393,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--shard-size", type=int, default=64, help="samples per shard")
     p.add_argument("--keyframe-interval", type=int, default=8)
     p.add_argument("--codec", choices=["vp9", "h264"], default="vp9", help="h264 decodes only on a GPU")
+    p.add_argument("--audio-format", choices=["flac", "wav"], default="flac", help="16-bit FLAC (default) or WAV")
     p.add_argument("--workers", type=int, default=None, help="processes (default: all cores)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=_synth)

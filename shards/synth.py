@@ -24,7 +24,6 @@ import math
 import os
 import shutil
 from collections.abc import Iterator
-from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -33,6 +32,7 @@ import numpy as np
 
 from shards.manifest import SPLITS, load_manifest, make_manifest, shard_relpath, write_manifest
 from shards.media import VideoEncoding, encode_audio, encode_video
+from shards.workers import map_isolated
 from shards.writer import Sample, write_shard
 
 CATEGORY_NAMES = ("pulses", "chimes", "buzzes", "whistles", "drones", "clicks", "hums", "sirens")
@@ -60,6 +60,7 @@ class SynthSpec:
     shard_size: int = 64
     keyframe_interval: int = 8
     codec: str = "vp9"
+    audio_format: str = "flac"
 
     def __post_init__(self) -> None:
         checks = {
@@ -75,6 +76,7 @@ class SynthSpec:
             "shard_size": self.shard_size >= 1,
             "keyframe_interval": self.keyframe_interval >= 1,
             "codec": self.codec in ("vp9", "h264"),
+            "audio_format": self.audio_format in ("flac", "wav"),
         }
         bad = [k for k, ok in checks.items() if not ok]
         if bad:
@@ -309,7 +311,7 @@ def render_clip(job: ClipJob) -> Sample:
     }
     members = {
         "mp4": encode_video(frames, enc),
-        "flac": encode_audio(audio, spec.sample_rate, "flac"),
+        spec.audio_format: encode_audio(audio, spec.sample_rate, spec.audio_format),
         "json": json.dumps(meta, sort_keys=True).encode(),
     }
     return Sample(job.key, members)
@@ -356,7 +358,7 @@ def _preprocessing(spec: SynthSpec) -> dict[str, Any]:
         "fps": spec.fps,
         "frame_size": spec.size,
         "keyframe_interval": spec.keyframe_interval,
-        "audio_format": "flac",
+        "audio_format": spec.audio_format,
         "sample_rate": spec.sample_rate,
         "audio_channels": 1,
         "channel_rule": "mono source",
@@ -387,35 +389,36 @@ def generate(
     workers = max(1, min(workers or os.cpu_count() or 1, 32))
     retrieval_cache: dict[str, Sample] = {}
     manifest_tasks = []
-    with ProcessPoolExecutor(max_workers=workers) as pool:
-        samples = pool.map(render_clip, jobs, chunksize=4)
-        if show_progress:
-            from fastav.log import progress
+    # processes from forkserver / spawn (workers.map_isolated): a fork of a process that already runs DALI or
+    # OpenMP threads (a test session, a notebook) can deadlock; one worker runs in this process
+    samples = map_isolated(render_clip, jobs, workers=workers if workers > 1 else 0, on_crash=_crashed)
+    if show_progress:
+        from fastav.log import progress
 
-            samples = progress(samples, total=len(jobs), desc="synth clips", unit="clip")
-        stream = iter(samples)
-        for task in tasks:
-            entry = {"name": task["name"], "category": task["category"], "classes": task["classes"], "splits": {}}
-            wanted = {job.key for shard in task["shards"]["retrieval"] for job in shard}
-            for split in SPLITS:
-                shard_entries = []
-                for i, shard_jobs in enumerate(task["shards"][split]):
-                    if split == "retrieval":
-                        shard_samples = [retrieval_cache.pop(job.key) for job in shard_jobs]
-                    else:
-                        shard_samples = [_take(stream, job) for job in shard_jobs]
-                        retrieval_cache.update({s.key: s for s in shard_samples if s.key in wanted})
-                    rel = shard_relpath(task["name"], split, i)
-                    info = write_shard(out / rel, _with_split(shard_samples, split))
-                    shard_entries.append(
-                        {"path": rel, "index": rel[:-4] + ".idx", "num_samples": info.num_samples,
-                         "num_bytes": info.num_bytes}
-                    )  # fmt: skip
-                entry["splits"][split] = {
-                    "shards": shard_entries,
-                    "num_samples": sum(s["num_samples"] for s in shard_entries),
-                }
-            manifest_tasks.append(entry)
+        samples = progress(samples, total=len(jobs), desc="synth clips", unit="clip")
+    stream = iter(samples)
+    for task in tasks:
+        entry = {"name": task["name"], "category": task["category"], "classes": task["classes"], "splits": {}}
+        wanted = {job.key for shard in task["shards"]["retrieval"] for job in shard}
+        for split in SPLITS:
+            shard_entries = []
+            for i, shard_jobs in enumerate(task["shards"][split]):
+                if split == "retrieval":
+                    shard_samples = [retrieval_cache.pop(job.key) for job in shard_jobs]
+                else:
+                    shard_samples = [_take(stream, job) for job in shard_jobs]
+                    retrieval_cache.update({s.key: s for s in shard_samples if s.key in wanted})
+                rel = shard_relpath(task["name"], split, i)
+                info = write_shard(out / rel, _with_split(shard_samples, split))
+                shard_entries.append(
+                    {"path": rel, "index": rel[:-4] + ".idx", "num_samples": info.num_samples,
+                     "num_bytes": info.num_bytes}
+                )  # fmt: skip
+            entry["splits"][split] = {
+                "shards": shard_entries,
+                "num_samples": sum(s["num_samples"] for s in shard_entries),
+            }
+        manifest_tasks.append(entry)
 
     sigs = class_signatures(spec)
     manifest = make_manifest(
@@ -430,6 +433,10 @@ def generate(
     (out / "rejects.jsonl").write_text("")
     write_manifest(out, manifest)
     return manifest
+
+
+def _crashed(job: ClipJob, reason: str) -> Sample:
+    raise RuntimeError(f"synth clip {job.key}: {reason}")
 
 
 def _take(stream: Iterator[Sample], job: ClipJob) -> Sample:

@@ -14,7 +14,8 @@ Everything goes through PyAV (FFmpeg's libraries in-process; no ffmpeg or ffprob
   :func:`shards.media.encode_video` (no audio track).
 - **Audio.** Decoded, resampled to ``sample_rate`` by PyAV's ``AudioResampler`` (all channels kept), then
   reduced to mono by ``channel_rule``: ``first`` keeps the first channel (CAV-MAE's ``sox remix 1``),
-  ``mean`` averages the channels. Written as 16-bit FLAC by :func:`shards.media.encode_audio`.
+  ``mean`` averages the channels. Written as 16-bit FLAC (or WAV, ``--audio-format wav``) by
+  :func:`shards.media.encode_audio`.
 - **Short clips.** Video or audio covering less than ``min_duration`` seconds of the segment is rejected.
   Above that, ``short_clips="pad"`` pads to the full ``duration`` (the last frame is held, the audio is
   zero-filled; the JSON field ``padded`` says how many seconds), and ``short_clips="keep"`` writes the clip at
@@ -36,7 +37,7 @@ import av
 import numpy as np
 from av.video.reformatter import VideoReformatter
 
-from shards.media import VIDEO_CODECS, VideoEncoding, encode_audio, encode_video
+from shards.media import AUDIO_FORMATS, VIDEO_CODECS, VideoEncoding, encode_audio, encode_video
 from shards.writer import Sample
 
 CHANNEL_RULES = ("first", "mean")
@@ -75,6 +76,8 @@ class ClipParams:
     sample_rate: int = 16000
     channel_rule: str = "first"
     """'first' (the first channel, as CAV-MAE) or 'mean' (all channels averaged)."""
+    audio_format: str = "flac"
+    """16-bit 'flac' (a third of the size) or 'wav' (cheaper to decode)."""
 
     def __post_init__(self) -> None:
         problems = []
@@ -94,6 +97,8 @@ class ClipParams:
             problems.append(f"--short-clips {self.short_clips!r}: choose one of {', '.join(SHORT_CLIP_RULES)}")
         if self.sample_rate < 8000:
             problems.append(f"--sample-rate {self.sample_rate}: must be at least 8000")
+        if self.audio_format not in AUDIO_FORMATS:
+            problems.append(f"--audio-format {self.audio_format!r}: choose one of {', '.join(AUDIO_FORMATS)}")
         if self.channel_rule not in CHANNEL_RULES:
             problems.append(f"--channel-rule {self.channel_rule!r}: choose one of {', '.join(CHANNEL_RULES)}")
         if problems:
@@ -126,7 +131,7 @@ class ClipParams:
             "crf": self.crf,
             "encoder_speed": self.speed,
             "resize": "short side bilinear, centre crop, display rotation applied",
-            "audio_format": "flac",
+            "audio_format": self.audio_format,
             "sample_rate": self.sample_rate,
             "audio_channels": 1,
             "channel_rule": self.channel_rule,
@@ -561,7 +566,7 @@ def _process(job: ClipJob, params: ClipParams) -> ClipResult:
     }
     members = {
         "mp4": encode_video(np.stack(frames), params.encoding()),
-        "flac": encode_audio(pcm, params.sample_rate, "flac"),
+        params.audio_format: encode_audio(pcm, params.sample_rate, params.audio_format),
         "json": json.dumps(meta, sort_keys=True).encode(),
     }
     return ClipResult(job.key, sample=Sample(job.key, members))

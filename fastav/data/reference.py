@@ -149,8 +149,12 @@ def reference_loader(
     train: bool | None = None,
     multi_frame: bool = False,
 ) -> torch.utils.data.DataLoader:
-    """A DataLoader of :class:`ReferenceDataset` (workers split the shards between them)."""
+    """A DataLoader of :class:`ReferenceDataset` (workers split the shards between them).
+
+    Workers are spawned, not forked, and kept across epochs: a process forked after the parent has started
+    OpenMP or DALI threads can deadlock in its first parallel region.
+    """
     dataset = ReferenceDataset(cfg, split, tasks=tasks, train=train, multi_frame=multi_frame)
-    if num_workers > len(dataset.urls):
-        num_workers = len(dataset.urls)
-    return torch.utils.data.DataLoader(dataset, batch_size=batch_size, num_workers=num_workers)
+    num_workers = min(num_workers, len(dataset.urls))
+    extra = {"multiprocessing_context": "spawn", "persistent_workers": True} if num_workers > 0 else {}
+    return torch.utils.data.DataLoader(dataset, batch_size=batch_size, num_workers=num_workers, **extra)

@@ -184,6 +184,19 @@ def test_too_many_bad_samples_stop_the_run(synth_dataset, tmp_path) -> None:
         _collect(loader)
 
 
+def test_wav_shards_give_the_same_batches_as_flac(tmp_path) -> None:
+    from shards.synth import SynthSpec, generate
+
+    spec = dict(categories=1, classes_per_category=2, clips_per_class=6, size=64, duration=2.0, test_fraction=0.5)
+    out = {}
+    for fmt in ("flac", "wav"):
+        generate(SynthSpec(**spec, audio_format=fmt), tmp_path / fmt, workers=1, show_progress=False)
+        out[fmt] = _collect(build_loader(_cfg(tmp_path / fmt), "test"))
+    assert (tmp_path / "wav" / "pulses" / "test" / "shard-000000.idx").read_text().count(" wav ") == 6
+    for a, b in zip(out["flac"], out["wav"], strict=True):
+        assert torch.equal(a["index"], b["index"]) and torch.equal(a["fbank"], b["fbank"])
+
+
 def test_h264_shards_need_a_gpu(synth_dataset, tmp_path) -> None:
     root, _, _ = synth_dataset
     (tmp_path / "manifest.json").write_text((root / "manifest.json").read_text().replace('"vp9"', '"h264"'))

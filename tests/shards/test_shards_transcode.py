@@ -148,6 +148,17 @@ def test_bad_parameters_name_the_flag() -> None:
         ClipParams(channel_rule="left")
     with pytest.raises(ValueError, match="--min-duration 3"):
         ClipParams(duration=2.0, min_duration=3.0)
+    with pytest.raises(ValueError, match="--audio-format 'mp3'"):
+        ClipParams(audio_format="mp3")
+
+
+def test_wav_audio_holds_the_same_samples_as_flac(media: dict[str, Path]) -> None:
+    flac = _run(media["h264_aac.mp4"]).sample.members
+    wav = _run(media["h264_aac.mp4"], ClipParams(size=64, fps=8, duration=2.0, audio_format="wav")).sample.members
+    assert list(wav) == ["mp4", "wav", "json"] and wav["wav"][:4] == b"RIFF"
+    a, rate_a = decode_audio(flac["flac"])
+    b, rate_b = decode_audio(wav["wav"])
+    assert rate_a == rate_b == 16000 and np.array_equal(a, b)  # both lossless 16-bit
 
 
 def test_audio_from_a_separate_file(media: dict[str, Path]) -> None:
