@@ -281,7 +281,14 @@ def _build(args: argparse.Namespace) -> int:
         }
     }
     report = build_dataset(
-        plan, params, args.out, config=config, workers=args.workers, show_progress=not args.quiet, extra=extra
+        plan,
+        params,
+        args.out,
+        config=config,
+        workers=args.workers,
+        show_progress=not args.quiet,
+        extra=extra,
+        clip_timeout=args.clip_timeout or None,
     )
     print(summary(report.manifest))
     for warning in report.warnings:
@@ -412,6 +419,12 @@ def main(argv: list[str] | None = None) -> int:
         type=int,
         default=None,
         help="clip processes (default: all cores; 0: in this process, no crash isolation)",
+    )
+    g.add_argument(
+        "--clip-timeout",
+        type=float,
+        default=300.0,
+        help="seconds a clip may take in its worker before it is rejected as hung (default 300; 0: no limit)",
     )
     g.add_argument(
         "--max-reject-fraction",

@@ -49,6 +49,9 @@ BUILD_FORMAT = 1
 STATE_DIR = ".build"
 CRASH_HOOK_ENV = "FASTAV_SHARDS_TEST_CRASH_ON"
 """Test hook: a worker given a clip whose source contains this text kills itself with SIGSEGV (an FFmpeg crash)."""
+HANG_HOOK_ENV = "FASTAV_SHARDS_TEST_HANG_ON"
+"""Test hook: a worker given a clip whose source contains this text never returns (an FFmpeg hang)."""
+DEFAULT_CLIP_TIMEOUT = 300.0
 
 
 class BuildError(RuntimeError):
@@ -169,11 +172,14 @@ def _work(job: ClipJob, params: ClipParams) -> ClipResult:
     hook = os.environ.get(CRASH_HOOK_ENV)
     if hook and hook in job.source:
         os.kill(os.getpid(), signal.SIGSEGV)
+    hang = os.environ.get(HANG_HOOK_ENV)
+    if hang and hang in job.source:
+        time.sleep(10**6)
     return process_clip(job, params)
 
 
 def _crashed(job: ClipJob, reason: str) -> ClipResult:
-    return ClipResult(job.key, code="crash", reason=reason)
+    return ClipResult(job.key, code="timeout" if reason.startswith("timed out") else "crash", reason=reason)
 
 
 def _file_state(path: str | None) -> list[int] | None:
@@ -377,13 +383,14 @@ def build_dataset(
     workers: int | None = None,
     show_progress: bool = True,
     extra: dict[str, Any] | None = None,
+    clip_timeout: float | None = DEFAULT_CLIP_TIMEOUT,
 ) -> BuildReport:
     """Write ``plan`` into ``out`` (resuming an earlier build there); return what was written and rejected."""
     started = time.monotonic()
     out = Path(out)
     lock = _prepare_out(out)
     try:
-        return _build(plan, params, out, config, workers, show_progress, extra or {}, started)
+        return _build(plan, params, out, config, workers, show_progress, extra or {}, started, clip_timeout)
     finally:
         lock.close()
 
@@ -397,6 +404,7 @@ def _build(
     show_progress: bool,
     extra: dict[str, Any],
     started: float,
+    clip_timeout: float | None,
 ) -> BuildReport:
     (out / "manifest.json").unlink(missing_ok=True)  # a manifest marks a finished build: written last
     remove_partials(out)
@@ -415,6 +423,7 @@ def _build(
         pending,
         workers=min(n_workers, max(1, len(pending))) if n_workers else 0,
         on_crash=_crashed,
+        timeout=clip_timeout,
     )
     results: Iterator[ClipResult] = stream
     if show_progress and pending:

@@ -26,6 +26,7 @@ T = TypeVar("T")
 R = TypeVar("R")
 
 CRASH_REASON = "the worker process died while processing it (an FFmpeg crash, or killed for memory)"
+TIMEOUT_REASON = "timed out after {seconds:g} s in its worker process (a hang inside FFmpeg?)"
 
 
 def _context() -> mp.context.BaseContext:
@@ -48,8 +49,14 @@ def map_isolated(
     workers: int,
     on_crash: Callable[[T, str], R],
     window: int | None = None,
+    timeout: float | None = None,
 ) -> Iterator[R]:
-    """``fn(item)`` for every item, in order, in ``workers`` processes (0: in this process, no isolation)."""
+    """``fn(item)`` for every item, in order, in ``workers`` processes (0: in this process, no isolation).
+
+    An item whose worker dies, or that is still running ``timeout`` seconds after the results before it were
+    in, gives ``on_crash(item, reason)``: the pool is killed, the items that were in flight run again one at a
+    time (with the same timeout), and only the one that crashes or hangs is given up.
+    """
     if workers <= 0:
         for item in items:
             yield fn(item)
@@ -66,16 +73,16 @@ def map_isolated(
                 next_item += 1
             item, future = inflight[0]
             try:
-                result = future.result()
-            except BrokenProcessPool:
-                pool.shutdown(wait=True, cancel_futures=True)
+                result = future.result(timeout=timeout)
+            except (BrokenProcessPool, TimeoutError):
+                _kill(pool)
                 suspects = list(inflight)
                 inflight.clear()
                 for suspect, fut in suspects:
                     if fut.done() and not fut.cancelled() and fut.exception() is None:
                         yield fut.result()
                     else:
-                        yield _run_alone(fn, suspect, ctx, on_crash)
+                        yield _run_alone(fn, suspect, ctx, on_crash, timeout)
                 pool = ProcessPoolExecutor(max_workers=workers, mp_context=ctx)
                 continue
             inflight.popleft()
@@ -84,9 +91,27 @@ def map_isolated(
         pool.shutdown(wait=True, cancel_futures=True)
 
 
-def _run_alone(fn: Callable[[T], R], item: T, ctx: mp.context.BaseContext, on_crash: Callable[[T, str], R]) -> R:
-    with ProcessPoolExecutor(max_workers=1, mp_context=ctx) as pool:
-        try:
-            return pool.submit(fn, item).result()
-        except BrokenProcessPool:
-            return on_crash(item, CRASH_REASON)
+def _kill(pool: ProcessPoolExecutor) -> None:
+    """Stop a pool now, hung workers included (``shutdown`` alone would wait for them)."""
+    processes = getattr(pool, "_processes", None) or {}  # no public handle on the workers
+    for process in list(processes.values()):
+        process.kill()
+    pool.shutdown(wait=True, cancel_futures=True)
+
+
+def _run_alone(
+    fn: Callable[[T], R],
+    item: T,
+    ctx: mp.context.BaseContext,
+    on_crash: Callable[[T, str], R],
+    timeout: float | None,
+) -> R:
+    pool = ProcessPoolExecutor(max_workers=1, mp_context=ctx)
+    try:
+        return pool.submit(fn, item).result(timeout=timeout)
+    except BrokenProcessPool:
+        return on_crash(item, CRASH_REASON)
+    except TimeoutError:
+        return on_crash(item, TIMEOUT_REASON.format(seconds=timeout))
+    finally:
+        _kill(pool)

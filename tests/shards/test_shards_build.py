@@ -363,6 +363,19 @@ def test_a_worker_crash_rejects_only_its_clip(good_folder: Path, tmp_path: Path)
     assert manifest["counts"]["train"] + manifest["counts"]["test"] == 11
 
 
+def test_a_hung_clip_is_rejected_after_the_timeout(good_folder: Path, tmp_path: Path) -> None:
+    out = tmp_path / "hang"
+    args = [*_folder_args(good_folder, out, workers=2), "--clip-timeout", "4"]
+    proc = _subprocess_build(args, FASTAV_SHARDS_TEST_HANG_ON="c03_")
+    stdout, stderr = proc.communicate(timeout=300)
+    assert proc.returncode == 1, stderr
+    rejects = [json.loads(line) for line in (out / "rejects.jsonl").read_text().splitlines()]
+    assert [(r["code"], r["source"].split("/")[1][:4]) for r in rejects] == [("timeout", "c03_")]
+    assert "timed out after 4 s" in rejects[0]["reason"]
+    manifest = load_manifest(out)
+    assert manifest["counts"]["train"] + manifest["counts"]["test"] == 11
+
+
 def test_rerun_with_other_parameters_replaces_the_dataset(good_folder: Path, tmp_path: Path) -> None:
     out, fresh = tmp_path / "out", tmp_path / "fresh"
     assert shards_main(_folder_args(good_folder, out, workers=2)) == 0
