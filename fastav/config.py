@@ -475,6 +475,29 @@ def cavmae_base() -> Config:
     return cfg
 
 
+DEBUG_SIZES = (
+    "embed_dim",
+    "num_heads",
+    "specific_depth",
+    "shared_depth",
+    "decoder_dim",
+    "decoder_depth",
+    "decoder_heads",
+)
+"""The model fields a CPU-size recipe shrinks; everything else comes from the full-size recipe it mirrors."""
+
+
+def debug_cavmae() -> Config:
+    """CAV-MAE's layout and objective (``cavmae_base``: 1 frame, shared mask token, fixed positions, lambda_c 0.01,
+    75 % masking) at the ``debug`` sizes and training settings."""
+    cfg = debug()
+    cfg.recipe = "debug_cavmae"
+    small = {name: getattr(cfg.model, name) for name in DEBUG_SIZES}
+    cfg.model = dataclasses.replace(cavmae_base().model, **small)
+    cfg.data = dataclasses.replace(cfg.data, sampling="cavmae", num_frames=1)
+    return cfg
+
+
 def stella_vggsound() -> Config:
     """STELLA continual pre-training on the VGGSound 8-task sequence (stella.md §5)."""
     cfg = base()
@@ -503,6 +526,7 @@ def stella_audioset() -> Config:
 RECIPES: dict[str, Callable[[], Config]] = {
     "base": base,
     "debug": debug,
+    "debug_cavmae": debug_cavmae,
     "cavmae_base": cavmae_base,
     "stella_vggsound": stella_vggsound,
     "stella_audioset": stella_audioset,

@@ -36,6 +36,13 @@ def test_recipes_differ_from_base_in_the_documented_way() -> None:
     assert stella.continual.task_order[0] == "sports" and len(stella.continual.task_order) == 8
     assert load_config("stella_audioset").data.batch_size == 9
     assert dbg.model.embed_dim < 128 and dbg.train.precision == "fp32"
+    small_cav = load_config("debug_cavmae")
+    sizes = ("embed_dim", "num_heads", "specific_depth", "shared_depth", "decoder_dim", "decoder_depth")
+    assert dataclasses.replace(small_cav.model, **{k: getattr(cav.model, k) for k in sizes + ("decoder_heads",)}) == (
+        cav.model
+    )
+    assert all(getattr(small_cav.model, k) == getattr(dbg.model, k) for k in sizes)
+    assert (small_cav.data.sampling, small_cav.data.num_frames, small_cav.train) == ("cavmae", 1, dbg.train)
 
 
 def test_every_field_has_a_docstring() -> None:

@@ -38,24 +38,13 @@ TINY = [
     "data.target_length=64",
     "data.num_mel_bins=32",
 ]
-CAVMAE = [
-    "model.arch=cavmae",
-    "model.pos_embed=fixed",
-    "model.inter_pos_embed=false",
-    "model.shared_mask_token=true",
-    "model.tagged_norms=all",
-    "model.decoder_joint=true",
-    "model.avm=false",
-    "data.sampling=cavmae",
-    "data.num_frames=1",
-]
 D, C, P = 16, 8, 16  # widths and patch side of the tiny configs
 TP, FP = 4, 2  # audio patches along time and frequency (64 frames x 32 mel bins)
 LV = 4  # video patches per frame (32 x 32 pixels)
 
 
 def cavmae_cfg() -> Config:
-    return load_config("debug", [*TINY, *CAVMAE])
+    return load_config("debug_cavmae", TINY)
 
 
 def stella_cfg() -> Config:

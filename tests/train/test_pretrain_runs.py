@@ -21,22 +21,6 @@ from fastav.models import build_pretrain_model, load_weights
 
 ROOT = Path(__file__).resolve().parents[2]
 SCRIPT = ROOT / "launch" / "pretrain.py"
-CAVMAE_DEBUG = [
-    "model.arch=cavmae",
-    "model.pos_embed=fixed",
-    "model.inter_pos_embed=false",
-    "model.shared_mask_token=true",
-    "model.tagged_norms=all",
-    "model.decoder_joint=true",
-    "model.gather_negatives=false",
-    "model.bidirectional_contrastive=false",
-    "model.contrastive_weight=0.01",
-    "model.mask_ratio_a=0.75",
-    "model.mask_ratio_v=0.75",
-    "model.avm=false",
-    "data.sampling=cavmae",
-    "data.num_frames=1",
-]
 
 
 def _env() -> dict[str, str]:
@@ -108,9 +92,8 @@ def test_debug_cavmae_loss_falls_and_retrieval_beats_chance(synth_dataset, tmp_p
     run(
         [
             "--recipe",
-            "debug",
+            "debug_cavmae",
             "--eval",
-            *CAVMAE_DEBUG,
             f"data.root={root}",
             "data.num_threads=1",
             "train.lr=3e-4",
