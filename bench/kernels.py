@@ -115,7 +115,7 @@ def setup_select_video(B: int, device: str, dtype: torch.dtype) -> dict[str, Op]
 
     return {
         "triton": fused,
-        "ref": lambda: kernels.select_video_ref(imp, pi, K_V, generator=gen),
+        "ref": lambda: kernels.select_video_ref(imp, pi, K_V, rng),
         "stella_naive": naive,
     }
 
@@ -125,10 +125,9 @@ def setup_select_audio(B: int, device: str, dtype: torch.dtype) -> dict[str, Op]
     imp = torch.rand(rows, L_A, device=device).softmax(-1)
     pi = torch.rand(rows, L_A, device=device) * kernels.topk_mask(imp, K_A)
     rng = kernels.new_rng(0, device)
-    gen = torch.Generator(device=device).manual_seed(0)
     return {
         "triton": lambda: kernels.chunk_select_triton(imp, kernels.bernoulli_prune_triton(pi, rng), K_A, rng),
-        "ref": lambda: kernels.select_audio_ref(imp, pi, K_A, generator=gen),
+        "ref": lambda: kernels.select_audio_ref(imp, pi, K_A, rng),
     }
 
 

@@ -23,14 +23,16 @@ i = t*Fp + f, patch flattened (dt, df)):
 
 Randomness comes from a device tensor ``rng = new_rng(seed, device)`` ([seed, offset], int64); call
 ``advance_rng(rng)`` once per step (in place, no sync) and give concurrent call sites different ``stream`` ids.
+The ``*_ref`` sampling ops take the same ``rng`` and ``stream`` and draw the same numbers (a Philox in torch ops),
+so either path selects the same patches for the same state, and neither reads a value on the host.
 """
 
 from kernels._utils import (
     BACKENDS,
     advance_rng,
-    generator_from_rng,
     get_backend,
     new_rng,
+    philox_uniform_ref,
     set_backend,
     use_backend,
 )
@@ -90,11 +92,11 @@ __all__ = [
     "gather_video_patches",
     "gather_video_patches_ref",
     "gather_video_patches_triton",
-    "generator_from_rng",
     "get_backend",
     "new_rng",
     "patchify_audio_ref",
     "patchify_video_ref",
+    "philox_uniform_ref",
     "pooled_query",
     "pooled_query_ref",
     "pooled_query_triton",

@@ -19,7 +19,9 @@ plain kernel with one fixed config sized for the interpreter (large tiles: fewer
 Randomness. Sampling kernels draw from Philox (``tl.philox``) keyed by a device tensor ``rng = [seed, offset]``
 (int64, shape (2,)): counter word 0 = flat element index, words 1-2 = ``offset`` (low, high), word 3 = a stream id
 ``(stream << 4) | op``. A step is reproducible from ``rng`` alone and needs no host value; ``advance_rng`` moves
-``offset`` on the device between steps.
+``offset`` on the device between steps. The references draw the same numbers from the same counters with a
+Philox written in torch ops (``philox_uniform_ref``), so a reference op selects exactly what its kernel selects
+and, like the kernel, never reads ``rng`` on the host.
 """
 
 from __future__ import annotations
@@ -187,20 +189,6 @@ def stream_id(stream: int, op: int) -> int:
     return (stream << 4) | op
 
 
-def generator_from_rng(rng: torch.Tensor, stream: int) -> torch.Generator:
-    """A torch.Generator seeded from ``rng`` and a stream id, for the reference path.
-
-    Reads ``rng`` on the host: on CUDA this is a device sync, which is why the sync-free guarantee is the
-    Triton path's. The reference draws different numbers than the kernel for the same ``rng`` (same distribution).
-    """
-    check_rng(rng)
-    seed, offset = (int(v) for v in rng.tolist())  # sync-ok: reference path only
-    mixed = (seed * 0x9E3779B97F4A7C15 + offset * 0xBF58476D1CE4E5B9 + stream * 0x94D049BB133111EB) % (2**63)
-    gen = torch.Generator(device=rng.device)
-    gen.manual_seed(mixed)
-    return gen
-
-
 @triton.jit
 def philox_uniform(rng_ptr, counter, STREAM: tl.constexpr):
     """Two independent U(0, 1) blocks (open interval) for integer ``counter`` block, from ``rng = [seed, offset]``.
@@ -234,10 +222,67 @@ def assert_same_device(**tensors: torch.Tensor) -> None:
         raise ValueError(f"tensors on different devices: {devices}")
 
 
-def uniform_open(shape: Sequence[int], generator: torch.Generator | None, device: torch.device) -> torch.Tensor:
-    """Reference-path uniforms on the same grid as ``philox_uniform``: (k + 0.5) / 2**24, k ~ U{0..2**24-1}."""
-    bits = torch.randint(0, 2**24, tuple(shape), generator=generator, device=device, dtype=torch.int64)
-    return (bits.to(torch.float32) + 0.5) * (1.0 / 2**24)
+_M32 = 0xFFFFFFFF
+_PHILOX_KEY = (0x9E3779B9, 0xBB67AE85)
+_PHILOX_ROUND = (0xD2511F53, 0xCD9E8D57)
+
+
+def _mul_hi_lo(a: int, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(high, low) 32-bit words of the 64-bit product of the uint32 constant ``a`` and uint32 values ``x`` (int64).
+
+    ``a`` is split into 16-bit halves so that no intermediate leaves int64's positive range.
+    """
+    hi16 = (a >> 16) * x  # < 2**48
+    lo16 = (a & 0xFFFF) * x  # < 2**48
+    high = (hi16 + (lo16 >> 16)) >> 16
+    low = (((hi16 & 0xFFFF) << 16) + lo16) & _M32
+    return high, low
+
+
+def philox_ref(
+    seed: torch.Tensor, c0: torch.Tensor, c1: torch.Tensor, c2: torch.Tensor, c3: torch.Tensor, n_rounds: int = 10
+) -> tuple[torch.Tensor, ...]:
+    """Philox4x32 in torch int64 ops, bit-identical to ``tl.philox(seed, c0, c1, c2, c3)`` with uint32 counters.
+
+    Args:
+        seed: int64 scalar tensor (its low and high 32-bit words are the key, as ``tl.philox`` splits it).
+        c0..c3: int64 tensors holding uint32 values (broadcastable).
+
+    Returns:
+        four int64 tensors holding uint32 values. Runs on the tensors' device; reads nothing on the host.
+    """
+    k0, k1 = seed & _M32, (seed >> 32) & _M32
+    for _ in range(n_rounds):
+        hi_b, lo_b = _mul_hi_lo(_PHILOX_ROUND[1], c2)
+        hi_a, lo_a = _mul_hi_lo(_PHILOX_ROUND[0], c0)
+        c0, c1, c2, c3 = hi_b ^ c1 ^ k0, lo_b, hi_a ^ c3 ^ k1, lo_a
+        k0 = (k0 + _PHILOX_KEY[0]) & _M32
+        k1 = (k1 + _PHILOX_KEY[1]) & _M32
+    return c0, c1, c2, c3
+
+
+def philox_uniform_ref(rng: torch.Tensor, counter: torch.Tensor, stream: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Reference of ``philox_uniform``: the same two U(0, 1) float32 tensors for int64 ``counter`` (any shape).
+
+    Bit-identical to the kernels' draws for the same ``rng``, counter and stream id, so a reference op and its
+    kernel select the same items; computed on ``rng``'s device with no host read (no sync on CUDA).
+    """
+    check_rng(rng)
+    if not 0 <= stream < 2**32:
+        raise ValueError(f"stream id {stream}: expected a uint32")
+    offset = rng[1]
+    c0 = counter.to(device=rng.device, dtype=torch.int64) & _M32
+    r0, r1, _, _ = philox_ref(rng[0], c0, offset & _M32, (offset >> 32) & _M32, torch.full_like(c0, stream))
+    scale = 1.0 / 16777216.0
+    return ((r0 >> 8).to(torch.float32) + 0.5) * scale, ((r1 >> 8).to(torch.float32) + 0.5) * scale
+
+
+def flat_counter(shape: Sequence[int], device: torch.device) -> torch.Tensor:
+    """Row-major flat element indices of a ``shape`` tensor: the counter word 0 the kernels use (``b * L + l``)."""
+    n = 1
+    for d in shape:
+        n *= d
+    return torch.arange(n, device=device, dtype=torch.int64).view(tuple(shape))
 
 
 def gumbel_keys_ref(weights: torch.Tensor, u: torch.Tensor) -> torch.Tensor:

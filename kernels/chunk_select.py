@@ -250,18 +250,27 @@ def chunk_select_ref(
     importance: torch.Tensor,
     pruned: torch.Tensor,
     k: int,
+    rng: torch.Tensor,
     *,
     chunk_times: int = 4,
     freq_patches: int = 8,
-    generator: torch.Generator | None = None,
+    stream: int = 0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Reference: chunk scores, Gumbel walk keys and coins from ``generator``, then :func:`chunk_select_given`."""
+    """Reference: chunk scores, Gumbel walk keys and coins, then :func:`chunk_select_given`.
+
+    The keys and coins come from the kernel's draws (Philox counter ``b * C + c``, both words of one draw), so
+    the reference keeps the same patches as the kernel for the same ``rng`` and ``stream``.
+    """
     S = _check(importance, pruned, k, chunk_times, freq_patches)
+    _utils.check_rng(rng)
+    _utils.assert_same_device(importance=importance, rng=rng)
     B, L = importance.shape
     nch = L // S
     score_BC = importance.float().view(B, nch, S).sum(-1) / chunk_times
-    keys_BC = _utils.gumbel_keys_ref(score_BC, _utils.uniform_open((B, nch), generator, importance.device))
-    front_BC = _utils.uniform_open((B, nch), generator, importance.device) < 0.5
+    counter_BC = _utils.flat_counter((B, nch), importance.device)
+    u_BC, coin_BC = _utils.philox_uniform_ref(rng, counter_BC, _utils.stream_id(stream, OP_CHUNKS))
+    keys_BC = _utils.gumbel_keys_ref(score_BC, u_BC)
+    front_BC = coin_BC < 0.5
     return chunk_select_given(
         importance, pruned, k, keys_BC, front_BC, chunk_times=chunk_times, freq_patches=freq_patches
     )
@@ -296,5 +305,6 @@ def chunk_select(
         return chunk_select_triton(
             importance, pruned, k, rng, chunk_times=chunk_times, freq_patches=freq_patches, stream=stream
         )
-    gen = _utils.generator_from_rng(rng, _utils.stream_id(stream, OP_CHUNKS))
-    return chunk_select_ref(importance, pruned, k, chunk_times=chunk_times, freq_patches=freq_patches, generator=gen)
+    return chunk_select_ref(
+        importance, pruned, k, rng, chunk_times=chunk_times, freq_patches=freq_patches, stream=stream
+    )

@@ -69,16 +69,17 @@ def select_video_ref(
     importance: torch.Tensor,
     pi: torch.Tensor | None,
     k: int,
+    rng: torch.Tensor,
     *,
     deterministic: bool = False,
-    generator: torch.Generator | None = None,
+    stream: int = 0,
 ) -> torch.Tensor:
-    """Reference of :func:`select_video` (torch RNG)."""
+    """Reference of :func:`select_video`: the same draws, so the same ids up to float rounding of the keys."""
     _check_pi(importance, pi, deterministic)
     if deterministic:
         return topk_indices_ref(importance, k).sort(dim=1).values
-    kept_weights, _ = prune_weights_ref(importance, pi, generator)
-    return weighted_sample_ref(kept_weights, k, generator).sort(dim=1).values
+    kept_weights, _ = prune_weights_ref(importance, pi, rng, stream=stream)
+    return weighted_sample_ref(kept_weights, k, rng, stream=stream).sort(dim=1).values
 
 
 @torch.no_grad()
@@ -106,18 +107,19 @@ def select_audio_ref(
     importance: torch.Tensor,
     pi: torch.Tensor | None,
     k: int,
+    rng: torch.Tensor,
     *,
     chunk_times: int = 4,
     freq_patches: int = 8,
     deterministic: bool = False,
-    generator: torch.Generator | None = None,
+    stream: int = 1,
 ) -> torch.Tensor:
-    """Reference of :func:`select_audio` (torch RNG)."""
+    """Reference of :func:`select_audio`: the same draws, so the same ids up to float rounding of the keys."""
     _check_pi(importance, pi, deterministic)
     if deterministic:
         return topk_indices_ref(importance, k).sort(dim=1).values
-    pruned = bernoulli_prune_ref(pi, generator)
+    pruned = bernoulli_prune_ref(pi, rng, stream=stream)
     ids, _ = chunk_select_ref(
-        importance, pruned, k, chunk_times=chunk_times, freq_patches=freq_patches, generator=generator
+        importance, pruned, k, rng, chunk_times=chunk_times, freq_patches=freq_patches, stream=stream
     )
     return ids

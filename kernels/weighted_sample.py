@@ -20,8 +20,8 @@ slot exactly once. Work is O(L^2) per row in tiles of (BLOCK_I x BLOCK_J) compar
 j-tile are recomputed from the counter-based RNG rather than stored.
 
 Randomness: ``rng = [seed, offset]`` (int64 (2,), ``_utils.new_rng``), Philox counter = (b * L + l, offset,
-stream). The ``*_ref`` functions draw from a torch.Generator (``generator_from_rng`` on the dispatch path): same
-distributions, different numbers.
+stream). The ``*_ref`` functions take the same ``rng`` and ``stream`` and draw the same numbers
+(``_utils.philox_uniform_ref``), so reference and kernel make the same draws, up to float rounding of the keys.
 
 References:
     Lee et al., "STELLA: Continual Audio-Video Pre-training with Spatio-Temporal Localized Alignment",
@@ -199,10 +199,18 @@ def bernoulli_prune_triton(pi: torch.Tensor, rng: torch.Tensor, *, stream: int =
     return _bernoulli_launch(pi, None, rng, stream)[0]
 
 
-def bernoulli_prune_ref(pi: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
-    """Reference: u < pi with u uniform on (0, 1) from ``generator`` (torch's default RNG when None)."""
+def _uniforms(x: torch.Tensor, rng: torch.Tensor, stream: int, op: int) -> torch.Tensor:
+    """The kernels' uniforms for a (B, L) operand: Philox counter = flat index ``b * L + l``."""
+    _utils.check_rng(rng)
+    _utils.assert_same_device(operand=x, rng=rng)
+    u, _ = _utils.philox_uniform_ref(rng, _utils.flat_counter(x.shape, x.device), _utils.stream_id(stream, op))
+    return u
+
+
+def bernoulli_prune_ref(pi: torch.Tensor, rng: torch.Tensor, *, stream: int = 0) -> torch.Tensor:
+    """Reference: u < pi with u uniform on (0, 1), the same u as the kernel's for this ``rng`` and ``stream``."""
     _check_rows("pi", pi)
-    return _utils.uniform_open(pi.shape, generator, pi.device) < pi.float()
+    return _uniforms(pi, rng, stream, OP_PRUNE) < pi.float()
 
 
 @torch.no_grad()
@@ -219,7 +227,7 @@ def bernoulli_prune(pi: torch.Tensor, rng: torch.Tensor, *, stream: int = 0) -> 
     """
     if _utils.use_triton(_bernoulli.kernel, pi, rng):
         return bernoulli_prune_triton(pi, rng, stream=stream)
-    return bernoulli_prune_ref(pi, _utils.generator_from_rng(rng, _utils.stream_id(stream, OP_PRUNE)))
+    return bernoulli_prune_ref(pi, rng, stream=stream)
 
 
 def prune_weights_triton(
@@ -231,12 +239,12 @@ def prune_weights_triton(
 
 
 def prune_weights_ref(
-    weights: torch.Tensor, pi: torch.Tensor, generator: torch.Generator | None = None
+    weights: torch.Tensor, pi: torch.Tensor, rng: torch.Tensor, *, stream: int = 0
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Reference: (weights zeroed where pruned, pruned) with pruned = ``bernoulli_prune_ref(pi, generator)``."""
+    """Reference: (weights zeroed where pruned, pruned) with pruned = ``bernoulli_prune_ref(pi, rng, stream=...)``."""
     if weights.shape != pi.shape:
         raise ValueError(f"weights {tuple(weights.shape)} and pi {tuple(pi.shape)} must have the same (B, L) shape")
-    pruned = bernoulli_prune_ref(pi, generator)
+    pruned = bernoulli_prune_ref(pi, rng, stream=stream)
     return weights.float().masked_fill(pruned, 0.0), pruned
 
 
@@ -253,7 +261,7 @@ def prune_weights(
     """
     if _utils.use_triton(_bernoulli.kernel, weights, pi, rng):
         return prune_weights_triton(weights, pi, rng, stream=stream)
-    return prune_weights_ref(weights, pi, _utils.generator_from_rng(rng, _utils.stream_id(stream, OP_PRUNE)))
+    return prune_weights_ref(weights, pi, rng, stream=stream)
 
 
 def _rank_select_launch(w: torch.Tensor, k: int, rng: torch.Tensor | None, stream: int) -> torch.Tensor:
@@ -287,11 +295,11 @@ def weighted_sample_triton(weights: torch.Tensor, k: int, rng: torch.Tensor, *, 
     return _rank_select_launch(weights, k, rng, stream)
 
 
-def weighted_sample_ref(weights: torch.Tensor, k: int, generator: torch.Generator | None = None) -> torch.Tensor:
+def weighted_sample_ref(weights: torch.Tensor, k: int, rng: torch.Tensor, *, stream: int = 0) -> torch.Tensor:
     """Reference: Gumbel-top-k in torch (keys ``_utils.gumbel_keys_ref``, stable descending sort, first k)."""
     _check_rows("weights", weights)
     _check_k(k, weights.shape[1])
-    keys = _utils.gumbel_keys_ref(weights, _utils.uniform_open(weights.shape, generator, weights.device))
+    keys = _utils.gumbel_keys_ref(weights, _uniforms(weights, rng, stream, OP_SAMPLE))
     return torch.sort(keys, dim=1, descending=True, stable=True).indices[:, :k]
 
 
@@ -311,7 +319,7 @@ def weighted_sample(weights: torch.Tensor, k: int, rng: torch.Tensor, *, stream:
     """
     if _utils.use_triton(_rank_select.kernel, weights, rng):
         return weighted_sample_triton(weights, k, rng, stream=stream)
-    return weighted_sample_ref(weights, k, _utils.generator_from_rng(rng, _utils.stream_id(stream, OP_SAMPLE)))
+    return weighted_sample_ref(weights, k, rng, stream=stream)
 
 
 def topk_indices_triton(scores: torch.Tensor, k: int) -> torch.Tensor:

@@ -1,9 +1,17 @@
-"""select_video / select_audio (a STELLA step's selection) and, on a GPU, the no-host-sync check of the step."""
+"""select_video / select_audio (a STELLA step's selection) and the no-host-sync check of the step.
+
+On a GPU the step runs under ``torch.cuda.set_sync_debug_mode("error")``; on the CPU a dispatch mode records every
+ATen call that would synchronise (reads a device value on the host), on both backends.
+"""
 
 from __future__ import annotations
 
+import collections
+from typing import Any
+
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import kernels
 
@@ -38,7 +46,7 @@ def test_select_video_step(device):
     # first step: deterministic top-k, π ignored
     first = kernels.select_video(imp, None, K_V, rng, deterministic=True)
     assert torch.equal(first, imp.topk(K_V, dim=1).indices.sort(dim=1).values)
-    _valid(kernels.select_video_ref(imp.cpu(), pi.cpu(), K_V, generator=torch.Generator().manual_seed(0)), B, K_V, L_V)
+    _valid(kernels.select_video_ref(imp.cpu(), pi.cpu(), K_V, kernels.new_rng(0)), B, K_V, L_V)
 
 
 def test_select_audio_step(device):
@@ -56,7 +64,7 @@ def test_select_audio_step(device):
     assert torch.all(chunks[:, :, 0] % 32 == 0) and torch.all(chunks.diff(dim=2) == 1)
     first = kernels.select_audio(imp, None, K_A, rng, deterministic=True)
     assert torch.equal(first, imp.topk(K_A, dim=1).indices.sort(dim=1).values)
-    ref = kernels.select_audio_ref(imp.cpu(), cand.cpu().float(), K_A)
+    ref = kernels.select_audio_ref(imp.cpu(), cand.cpu().float(), K_A, kernels.new_rng(1))
     assert torch.equal(ref, ids_all.cpu())
 
 
@@ -116,3 +124,66 @@ def test_stella_step_selection_makes_no_host_sync():
             torch.cuda.set_sync_debug_mode(0)
     assert v.shape == (2 * B, K_V, 768) and a.shape == (2 * B, K_A, 256)
     assert rng.tolist() == [0, 2]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# no host reads on the selection path
+# ---------------------------------------------------------------------------------------------------------------
+
+# ATen ops that read a device value on the host (or need the size of a data-dependent result) and so synchronise
+# a CUDA stream; bool-mask indexing reaches them through index.Tensor.
+SYNCING = {"_local_scalar_dense", "item", "nonzero", "masked_select", "_unique2", "unique_dim", "unique_consecutive"}
+SYNCING |= {"equal", "is_nonzero", "allclose", "repeat_interleave", "_assert_async", "multinomial"}
+
+
+class HostReads(TorchDispatchMode):
+    """Records every ATen call that would synchronise on a GPU (the CPU stand-in for set_sync_debug_mode)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls: collections.Counter[str] = collections.Counter()
+
+    def __torch_dispatch__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
+        name = func.overloadpacket.__name__
+        bool_index = name in ("index", "index_put", "index_put_") and any(
+            isinstance(t, torch.Tensor) and t.dtype == torch.bool for t in (args[1] if len(args) > 1 else ())
+        )
+        if name in SYNCING or bool_index:
+            self.calls[str(func)] += 1
+        return func(*args, **(kwargs or {}))
+
+
+def test_host_read_recorder_is_not_vacuous():
+    x = torch.rand(10)
+    with HostReads() as rec:
+        x.sum().item()
+        x[x > 0.5] = 0.0
+        x.nonzero()
+        torch.multinomial(x + 1, 2)
+    assert {"aten._local_scalar_dense.default", "aten.nonzero.default", "aten.multinomial.default"} <= set(rec.calls)
+    assert any(c.startswith("aten.index_put") for c in rec.calls)
+
+
+@pytest.mark.parametrize("backend", ["ref", "triton"])
+def test_stella_step_selection_reads_nothing_on_the_host(backend, device):
+    B, H, D = 2, 3, 16
+    inp = {
+        "q_a": torch.randn(B, H, L_A, D),
+        "k_a": torch.randn(B, H, L_A, D),
+        "q_v": torch.randn(B, H, L_V, D),
+        "k_v": torch.randn(B, H, L_V, D),
+        "past_q_a": torch.randn(B, H, D),
+        "past_q_v": torch.randn(B, H, D),
+        "r_i_v": torch.rand(B, L_V).softmax(-1),
+        "r_i_a": torch.rand(B, L_A).softmax(-1),
+        "r_pi_v": torch.rand(B, L_V) * 0.5,
+        "r_pi_a": torch.rand(B, L_A) * 0.5,
+        "video": torch.randn(2 * B, 4, 3, 224, 224),
+        "fbank": torch.randn(2 * B, 1024, 128),
+    }
+    inp = {name: t.to(device) for name, t in inp.items()}
+    rng = kernels.new_rng(3, device)
+    with kernels.use_backend(backend), HostReads() as rec:
+        v, a = _stella_step(inp, rng)
+    assert not rec.calls, f"host reads on the {backend} selection path: {dict(rec.calls)}"
+    assert v.shape == (2 * B, K_V, 768) and a.shape == (2 * B, K_A, 256)
