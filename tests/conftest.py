@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import collections
 import os
 import random
+from typing import Any
 
 import pytest
 
@@ -71,3 +73,41 @@ def synth_dataset(tmp_path_factory: pytest.TempPathFactory):
     spec = SynthSpec(categories=3, classes_per_category=4, clips_per_class=12, shard_size=16, retrieval_per_class=2)
     manifest = generate(spec, root, workers=2, show_progress=False)
     return root, manifest, spec
+
+
+# ATen ops that read a device value on the host, or need the size of a data-dependent result, and so synchronise
+# a CUDA stream (bool-mask indexing reaches them through index.Tensor / index_put_).
+SYNCING_OPS = frozenset(
+    {"_local_scalar_dense", "item", "nonzero", "masked_select", "_unique2", "unique_dim", "unique_consecutive"}
+    | {"equal", "is_nonzero", "allclose", "repeat_interleave", "_assert_async"}
+)
+
+
+def _host_reads_class() -> type:
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class HostReads(TorchDispatchMode):
+        """Records every ATen call that would synchronise on a GPU: the CPU stand-in for
+        ``torch.cuda.set_sync_debug_mode("error")``, so the no-sync rule of a step is checked in CI too."""
+
+        def __init__(self) -> None:
+            super().__init__()
+            self.calls: collections.Counter[str] = collections.Counter()
+
+        def __torch_dispatch__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
+            import torch
+
+            name = func.overloadpacket.__name__
+            indices = args[1] if name in ("index", "index_put", "index_put_") and len(args) > 1 else ()
+            bool_index = any(isinstance(t, torch.Tensor) and t.dtype == torch.bool for t in indices)
+            if name in SYNCING_OPS or bool_index:
+                self.calls[str(func)] += 1
+            return func(*args, **(kwargs or {}))
+
+    return HostReads
+
+
+@pytest.fixture
+def host_reads() -> type:
+    """``with host_reads() as rec: ...`` then ``rec.calls``: the syncing ATen calls made inside the block."""
+    return _host_reads_class()

@@ -1,17 +1,13 @@
 """select_video / select_audio (a STELLA step's selection) and the no-host-sync check of the step.
 
-On a GPU the step runs under ``torch.cuda.set_sync_debug_mode("error")``; on the CPU a dispatch mode records every
-ATen call that would synchronise (reads a device value on the host), on both backends.
+On a GPU the step runs under ``torch.cuda.set_sync_debug_mode("error")``; on the CPU the ``host_reads`` recorder
+(tests/conftest.py) lists every ATen call that would synchronise, on both backends.
 """
 
 from __future__ import annotations
 
-import collections
-from typing import Any
-
 import pytest
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
 
 import kernels
 
@@ -130,42 +126,9 @@ def test_stella_step_selection_makes_no_host_sync():
 # no host reads on the selection path
 # ---------------------------------------------------------------------------------------------------------------
 
-# ATen ops that read a device value on the host (or need the size of a data-dependent result) and so synchronise
-# a CUDA stream; bool-mask indexing reaches them through index.Tensor.
-SYNCING = {"_local_scalar_dense", "item", "nonzero", "masked_select", "_unique2", "unique_dim", "unique_consecutive"}
-SYNCING |= {"equal", "is_nonzero", "allclose", "repeat_interleave", "_assert_async", "multinomial"}
-
-
-class HostReads(TorchDispatchMode):
-    """Records every ATen call that would synchronise on a GPU (the CPU stand-in for set_sync_debug_mode)."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.calls: collections.Counter[str] = collections.Counter()
-
-    def __torch_dispatch__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
-        name = func.overloadpacket.__name__
-        bool_index = name in ("index", "index_put", "index_put_") and any(
-            isinstance(t, torch.Tensor) and t.dtype == torch.bool for t in (args[1] if len(args) > 1 else ())
-        )
-        if name in SYNCING or bool_index:
-            self.calls[str(func)] += 1
-        return func(*args, **(kwargs or {}))
-
-
-def test_host_read_recorder_is_not_vacuous():
-    x = torch.rand(10)
-    with HostReads() as rec:
-        x.sum().item()
-        x[x > 0.5] = 0.0
-        x.nonzero()
-        torch.multinomial(x + 1, 2)
-    assert {"aten._local_scalar_dense.default", "aten.nonzero.default", "aten.multinomial.default"} <= set(rec.calls)
-    assert any(c.startswith("aten.index_put") for c in rec.calls)
-
 
 @pytest.mark.parametrize("backend", ["ref", "triton"])
-def test_stella_step_selection_reads_nothing_on_the_host(backend, device):
+def test_stella_step_selection_reads_nothing_on_the_host(backend, device, host_reads):
     B, H, D = 2, 3, 16
     inp = {
         "q_a": torch.randn(B, H, L_A, D),
@@ -183,7 +146,7 @@ def test_stella_step_selection_reads_nothing_on_the_host(backend, device):
     }
     inp = {name: t.to(device) for name, t in inp.items()}
     rng = kernels.new_rng(3, device)
-    with kernels.use_backend(backend), HostReads() as rec:
+    with kernels.use_backend(backend), host_reads() as rec:
         v, a = _stella_step(inp, rng)
     assert not rec.calls, f"host reads on the {backend} selection path: {dict(rec.calls)}"
     assert v.shape == (2 * B, K_V, 768) and a.shape == (2 * B, K_A, 256)

@@ -186,6 +186,23 @@ def test_parameter_counts_at_base_size_on_the_meta_device() -> None:
     assert avm == 6 * 768**2 + 2 * 2 * 768 + 1536**2 + 1536 + 1536 + 1
 
 
+@pytest.mark.parametrize("recipe", ["debug", "debug_cavmae"], ids=["stella", "cavmae"])
+def test_forward_and_backward_read_nothing_on_the_host(recipe: str, host_reads) -> None:
+    """The CPU check of the no-sync rule (design.md): the model's step, with and without an audio selection, makes
+    no ATen call that would synchronise on a GPU. The optimizer is left out (its CPU step counter is read on the
+    host by design); the GPU test below runs the whole step under set_sync_debug_mode."""
+    cfg = load_config(recipe)
+    model = build_pretrain_model(cfg)
+    fbank, video = batch(cfg, 4)
+    sel_a = torch.randperm(model.grid.audio_tokens)[:40].expand(4, -1).contiguous()
+    model(fbank, video).loss.backward()  # warm-up (lazy initialisation is allowed to read)
+    for sel in (None, sel_a):
+        with host_reads() as rec:
+            out = model(fbank, video, sel_a_BK=sel)
+            out.loss.backward()
+        assert not rec.calls, f"host reads in the step (sel_a={'set' if sel is not None else None}): {dict(rec.calls)}"
+
+
 @pytest.mark.gpu
 def test_training_step_makes_no_host_sync_on_gpu() -> None:
     cfg = load_config("debug")
