@@ -1,4 +1,5 @@
-"""Every kernel compiles for an H100 (sm_90) down to a cubin, for every block config the autotuner may pick.
+"""Every kernel compiles for an H100 (sm_90) down to a cubin, for every block config the autotuner may pick,
+and fits in the shared memory one H100 block may use (a config over it could never be chosen).
 
 The interpreter runs the kernels' Python, not Triton's compiler, so a kernel can pass every CPU test and still
 fail to compile (unsupported op, dtype mismatch in ``tl.dot``, shape rules). Triton compiles ahead of time
@@ -18,6 +19,7 @@ from pathlib import Path
 import pytest
 
 SKIP_CODE = 77  # the subprocess's "cannot compile here" exit status
+H100_SHARED_BYTES = 227 * 1024  # the most shared memory one block may use on sm_90 (opt-in limit)
 
 
 def _compile_all() -> int:
@@ -52,10 +54,15 @@ def _compile_all() -> int:
             full = {**signature, **{name: "constexpr" for name in const}}
             sig = {name: full[name] for name in launcher.kernel.arg_names}  # KeyError: the signature is stale
             src = ASTSource(fn=launcher.kernel, signature=sig, constexprs=const)
+            name = f"{launcher.kernel.fn.__name__} {const} warps={warps} stages={stages}"
             try:
-                triton.compile(src, target=target, options={"num_warps": warps, "num_stages": stages})
+                compiled = triton.compile(src, target=target, options={"num_warps": warps, "num_stages": stages})
             except Exception as exc:
-                raise RuntimeError(f"{launcher.kernel.fn.__name__} {const} warps={warps}: {exc}") from exc
+                raise RuntimeError(f"{name}: {exc}") from exc
+            shared = compiled.metadata.shared
+            if shared > H100_SHARED_BYTES:  # the autotuner would drop it at run time; a config that can never run
+                raise RuntimeError(f"{name}: {shared} bytes of shared memory, more than an H100 block may use")
+            print(f"{name}: {shared} bytes shared")
             n += 1
         return n
 
