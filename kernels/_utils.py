@@ -27,6 +27,7 @@ and, like the kernel, never reads ``rng`` on the host.
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
@@ -279,10 +280,7 @@ def philox_uniform_ref(rng: torch.Tensor, counter: torch.Tensor, stream: int) ->
 
 def flat_counter(shape: Sequence[int], device: torch.device) -> torch.Tensor:
     """Row-major flat element indices of a ``shape`` tensor: the counter word 0 the kernels use (``b * L + l``)."""
-    n = 1
-    for d in shape:
-        n *= d
-    return torch.arange(n, device=device, dtype=torch.int64).view(tuple(shape))
+    return torch.arange(math.prod(shape), device=device, dtype=torch.int64).view(tuple(shape))
 
 
 def gumbel_keys_ref(weights: torch.Tensor, u: torch.Tensor) -> torch.Tensor:

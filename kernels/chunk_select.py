@@ -262,7 +262,6 @@ def chunk_select_ref(
     the reference keeps the same patches as the kernel for the same ``rng`` and ``stream``.
     """
     S = _check(importance, pruned, k, chunk_times, freq_patches)
-    _utils.check_rng(rng)
     _utils.assert_same_device(importance=importance, rng=rng)
     B, L = importance.shape
     nch = L // S

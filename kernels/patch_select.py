@@ -10,7 +10,7 @@ Legend (shape suffixes): B = batch rows (current + replay), L = patches of one m
   no pruning, no chunking (π is ignored and may be None).
 
 Both return the kept patch ids (B, k) int64 in ascending order, ready for ``gather_*_patches`` and for gathering
-positional embeddings. Every piece runs on the device with static shapes and no host value on the Triton path;
+positional embeddings. Every piece runs on the device with static shapes and no host value on either path;
 the rows of replay samples simply use their stored I and π (concatenate before calling).
 
 References:
@@ -19,6 +19,9 @@ References:
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
+from typing import NamedTuple
 
 import torch
 
@@ -37,10 +40,61 @@ from kernels.weighted_sample import (
 __all__ = ["select_audio", "select_audio_ref", "select_video", "select_video_ref"]
 
 
+class _Ops(NamedTuple):
+    """The ops a selection is composed of: the dispatching ones, or the references (same draws, same ids)."""
+
+    topk_indices: Callable[..., torch.Tensor]
+    prune_weights: Callable[..., tuple[torch.Tensor, torch.Tensor]]
+    weighted_sample: Callable[..., torch.Tensor]
+    bernoulli_prune: Callable[..., torch.Tensor]
+    chunk_select: Callable[..., tuple[torch.Tensor, torch.Tensor]]
+
+
+_DISPATCH = _Ops(topk_indices, prune_weights, weighted_sample, bernoulli_prune, chunk_select)
+_REF = _Ops(topk_indices_ref, prune_weights_ref, weighted_sample_ref, bernoulli_prune_ref, chunk_select_ref)
+
+
 def _check_pi(importance: torch.Tensor, pi: torch.Tensor | None, deterministic: bool) -> None:
     if not deterministic and (pi is None or pi.shape != importance.shape):
         got = None if pi is None else tuple(pi.shape)
         raise ValueError(f"pi must have the importance shape {tuple(importance.shape)}, got {got}")
+
+
+def _select_video(
+    ops: _Ops,
+    importance: torch.Tensor,
+    pi: torch.Tensor | None,
+    k: int,
+    rng: torch.Tensor,
+    deterministic: bool,
+    stream: int,
+) -> torch.Tensor:
+    _check_pi(importance, pi, deterministic)
+    if deterministic:
+        return ops.topk_indices(importance, k).sort(dim=1).values
+    kept_weights, _ = ops.prune_weights(importance, pi, rng, stream=stream)
+    return ops.weighted_sample(kept_weights, k, rng, stream=stream).sort(dim=1).values
+
+
+def _select_audio(
+    ops: _Ops,
+    importance: torch.Tensor,
+    pi: torch.Tensor | None,
+    k: int,
+    rng: torch.Tensor,
+    chunk_times: int,
+    freq_patches: int,
+    deterministic: bool,
+    stream: int,
+) -> torch.Tensor:
+    _check_pi(importance, pi, deterministic)
+    if deterministic:
+        return ops.topk_indices(importance, k).sort(dim=1).values
+    pruned = ops.bernoulli_prune(pi, rng, stream=stream)
+    ids, _ = ops.chunk_select(
+        importance, pruned, k, rng, chunk_times=chunk_times, freq_patches=freq_patches, stream=stream
+    )
+    return ids
 
 
 @torch.no_grad()
@@ -58,11 +112,7 @@ def select_video(
     ``stream`` separates this call's random numbers from other calls sharing ``rng`` in the step (video uses
     stream 0 and audio stream 1 by default).
     """
-    _check_pi(importance, pi, deterministic)
-    if deterministic:
-        return topk_indices(importance, k).sort(dim=1).values
-    kept_weights, _ = prune_weights(importance, pi, rng, stream=stream)
-    return weighted_sample(kept_weights, k, rng, stream=stream).sort(dim=1).values
+    return _select_video(_DISPATCH, importance, pi, k, rng, deterministic, stream)
 
 
 def select_video_ref(
@@ -75,11 +125,7 @@ def select_video_ref(
     stream: int = 0,
 ) -> torch.Tensor:
     """Reference of :func:`select_video`: the same draws, so the same ids up to float rounding of the keys."""
-    _check_pi(importance, pi, deterministic)
-    if deterministic:
-        return topk_indices_ref(importance, k).sort(dim=1).values
-    kept_weights, _ = prune_weights_ref(importance, pi, rng, stream=stream)
-    return weighted_sample_ref(kept_weights, k, rng, stream=stream).sort(dim=1).values
+    return _select_video(_REF, importance, pi, k, rng, deterministic, stream)
 
 
 @torch.no_grad()
@@ -95,12 +141,7 @@ def select_audio(
     stream: int = 1,
 ) -> torch.Tensor:
     """Audio patches to keep: (B, L) importance I_a (time-major) and π_a -> (B, k) ids, ascending."""
-    _check_pi(importance, pi, deterministic)
-    if deterministic:
-        return topk_indices(importance, k).sort(dim=1).values
-    pruned = bernoulli_prune(pi, rng, stream=stream)
-    ids, _ = chunk_select(importance, pruned, k, rng, chunk_times=chunk_times, freq_patches=freq_patches, stream=stream)
-    return ids
+    return _select_audio(_DISPATCH, importance, pi, k, rng, chunk_times, freq_patches, deterministic, stream)
 
 
 def select_audio_ref(
@@ -115,11 +156,4 @@ def select_audio_ref(
     stream: int = 1,
 ) -> torch.Tensor:
     """Reference of :func:`select_audio`: the same draws, so the same ids up to float rounding of the keys."""
-    _check_pi(importance, pi, deterministic)
-    if deterministic:
-        return topk_indices_ref(importance, k).sort(dim=1).values
-    pruned = bernoulli_prune_ref(pi, rng, stream=stream)
-    ids, _ = chunk_select_ref(
-        importance, pruned, k, rng, chunk_times=chunk_times, freq_patches=freq_patches, stream=stream
-    )
-    return ids
+    return _select_audio(_REF, importance, pi, k, rng, chunk_times, freq_patches, deterministic, stream)

@@ -201,7 +201,6 @@ def bernoulli_prune_triton(pi: torch.Tensor, rng: torch.Tensor, *, stream: int =
 
 def _uniforms(x: torch.Tensor, rng: torch.Tensor, stream: int, op: int) -> torch.Tensor:
     """The kernels' uniforms for a (B, L) operand: Philox counter = flat index ``b * L + l``."""
-    _utils.check_rng(rng)
     _utils.assert_same_device(operand=x, rng=rng)
     u, _ = _utils.philox_uniform_ref(rng, _utils.flat_counter(x.shape, x.device), _utils.stream_id(stream, op))
     return u

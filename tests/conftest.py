@@ -8,17 +8,14 @@ import random
 from typing import Any
 
 import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 os.environ.setdefault("FASTAV_NO_PROGRESS", "1")
 
 
 def _cuda_available() -> bool:
-    try:
-        import torch
-
-        return torch.cuda.is_available()
-    except ImportError:
-        return False
+    return torch.cuda.is_available()
 
 
 if not _cuda_available():
@@ -38,8 +35,6 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 def _one_thread():
     """One intra-op thread: the test models are tiny, and on a shared 2-core machine OpenMP threads competing with
     other processes make a debug-size step a hundred times slower."""
-    import torch
-
     before = torch.get_num_threads()
     torch.set_num_threads(1)
     yield
@@ -56,12 +51,7 @@ def _seed() -> None:
         np.random.seed(0)
     except ImportError:
         pass
-    try:
-        import torch
-
-        torch.manual_seed(0)
-    except ImportError:
-        pass
+    torch.manual_seed(0)
 
 
 @pytest.fixture(scope="session")
@@ -83,31 +73,24 @@ SYNCING_OPS = frozenset(
 )
 
 
-def _host_reads_class() -> type:
-    from torch.utils._python_dispatch import TorchDispatchMode
+class HostReads(TorchDispatchMode):
+    """Records every ATen call that would synchronise on a GPU: the CPU stand-in for
+    ``torch.cuda.set_sync_debug_mode("error")``, so the no-sync rule of a step is checked in CI too."""
 
-    class HostReads(TorchDispatchMode):
-        """Records every ATen call that would synchronise on a GPU: the CPU stand-in for
-        ``torch.cuda.set_sync_debug_mode("error")``, so the no-sync rule of a step is checked in CI too."""
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls: collections.Counter[str] = collections.Counter()
 
-        def __init__(self) -> None:
-            super().__init__()
-            self.calls: collections.Counter[str] = collections.Counter()
-
-        def __torch_dispatch__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
-            import torch
-
-            name = func.overloadpacket.__name__
-            indices = args[1] if name in ("index", "index_put", "index_put_") and len(args) > 1 else ()
-            bool_index = any(isinstance(t, torch.Tensor) and t.dtype == torch.bool for t in indices)
-            if name in SYNCING_OPS or bool_index:
-                self.calls[str(func)] += 1
-            return func(*args, **(kwargs or {}))
-
-    return HostReads
+    def __torch_dispatch__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
+        name = func.overloadpacket.__name__
+        indices = args[1] if name in ("index", "index_put", "index_put_") and len(args) > 1 else ()
+        bool_index = any(isinstance(t, torch.Tensor) and t.dtype == torch.bool for t in indices)
+        if name in SYNCING_OPS or bool_index:
+            self.calls[str(func)] += 1
+        return func(*args, **(kwargs or {}))
 
 
 @pytest.fixture
-def host_reads() -> type:
+def host_reads() -> type[HostReads]:
     """``with host_reads() as rec: ...`` then ``rec.calls``: the syncing ATen calls made inside the block."""
-    return _host_reads_class()
+    return HostReads

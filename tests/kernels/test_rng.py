@@ -32,8 +32,8 @@ M32 = 0xFFFFFFFF
 
 def _fresh_rng(device: str) -> torch.Tensor:
     """A random [seed, offset] over the whole accepted range (offsets past 2**32 use both counter words)."""
-    seed = int(torch.randint(0, 2**62, ())) * 2 + int(torch.randint(0, 2, ()))
-    return kernels.new_rng(seed, device, offset=int(torch.randint(0, 2**62, ())))
+    seed, offset = (int(torch.randint(0, high, ())) for high in (2**63 - 1, 2**62))
+    return kernels.new_rng(seed, device, offset=offset)
 
 
 # ---------------------------------------------------------------------------------------------------------------
