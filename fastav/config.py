@@ -1,13 +1,15 @@
 """Typed configuration: nested dataclasses, named recipes, dotted command-line overrides.
 
-A run is described by one :class:`Config` made of six sections (``data``, ``model``, ``train``,
-``continual``, ``eval``, ``distributed``). Every field carries a docstring (``python -m fastav.config
-explain`` prints them). A recipe is a function returning a complete ``Config``; recipes are built from
-:func:`base` by changing a few fields, so the difference between two recipes reads as a short list.
+A run is described by one :class:`Config` made of seven sections (``data``, ``model``, ``train``,
+``continual``, ``method``, ``eval``, ``distributed``); a section may hold sections of its own (``method.stella``).
+Every field carries a docstring (``python -m fastav.config explain`` prints them). A recipe is a function
+returning a complete ``Config``; recipes are built from :func:`base` by changing a few fields, so the difference
+between two recipes reads as a short list.
 
-Overrides use ``section.field=value`` and are converted to the field's declared type::
+Overrides use ``section.field=value`` (``section.sub.field=value`` at any depth) and are converted to the
+field's declared type::
 
-    cfg = load_config("debug", ["train.lr=3e-4", "continual.task_order=sports,music", "data.root=/data/vgg"])
+    cfg = load_config("debug", ["train.lr=3e-4", "continual.task_order=sports,music", "method.stella.alpha=0.3"])
 
 Every validation error is a :class:`ConfigError` naming the field (``train.lr``), what it got and what
 it accepts. The resolved config is written as ``config.json`` into each run directory
@@ -48,8 +50,27 @@ class ConfigError(ValueError):
 
 @dataclass(kw_only=True)
 class DataConfig:
+    source: Literal["shards", "synthetic"] = "shards"
+    """Where clips come from: the shards at data.root read by DALI, or in-memory synthetic clips (no files; for
+    trying the trainer and for tests)."""
     root: str = ""
     """Dataset directory written by ``python -m shards`` (holds manifest.json). Empty: read $FASTAV_DATA."""
+    synthetic_clips: int = 256
+    """data.source=synthetic: training clips (a held-out set of the same size serves 'test' and 'retrieval')."""
+    synthetic_classes: int = 8
+    """data.source=synthetic: classes; class c belongs to task c * synthetic_tasks // synthetic_classes."""
+    synthetic_tasks: int = 1
+    """data.source=synthetic: continual tasks the classes are split into (named task0, task1, ...)."""
+    synthetic_weak_modality: Literal["none", "audio", "video"] = "none"
+    """data.source=synthetic: the modality made weaker than the other (modality imbalance, what MLA addresses):
+    with probability data.synthetic_noise a clip's weak modality shows the signature of a random class instead of
+    its own, so it alone cannot reach the other modality's accuracy; 'none' leaves both intact."""
+    synthetic_noise: float = 0.0
+    """data.source=synthetic: probability that a clip's weak modality (data.synthetic_weak_modality) carries a
+    random class's signature (fixed per clip)."""
+    val_fraction: float = 0.0
+    """Fraction of the training split held out as the validation split 'val' (a fixed draw per dataset, the same
+    for every seed); fine-tuning selects checkpoints on it, never on the test split. 0: no validation split."""
     batch_size: int = 12
     """Clips per GPU (per process) and step, before replay samples are added."""
     sampling: Literal["cavmae", "stella"] = "stella"
@@ -78,8 +99,16 @@ class DataConfig:
     """Probability of mixup per sample (fine-tuning only; CAV-MAE uses 0.5)."""
     label_smoothing: float = 0.0
     """Label smoothing epsilon of the targets (fine-tuning only; CAV-MAE uses 0.1)."""
-    num_threads: int = 2
-    """CPU threads of the data pipeline per process."""
+    num_threads: int = field(
+        default_factory=lambda: max(
+            1,
+            len(os.sched_getaffinity(0))
+            // max(1, int(os.environ.get("LOCAL_WORLD_SIZE") or os.environ.get("LOCAL_SIZE") or 1)),
+        )
+    )
+    """CPU threads of the data pipeline (DALI) per process. Default: the cores this process may use divided by the
+    processes on the node ($LOCAL_WORLD_SIZE or $LOCAL_SIZE, set by the launchers), at least 1: NVDEC decoding
+    still parses every sample, and FLAC decoding runs on these threads."""
     prefetch: int = 2
     """Batches prepared ahead of the trainer."""
     dtype: Literal["float32", "bfloat16"] = "float32"
@@ -91,9 +120,17 @@ class DataConfig:
 
     def validate(self) -> None:
         _positive(self, "batch_size", "num_frames", "frame_size", "target_length", "num_mel_bins", "num_threads")
-        _positive(self, "prefetch", "fbank_std")
+        _positive(self, "prefetch", "fbank_std", "synthetic_clips", "synthetic_classes", "synthetic_tasks")
+        if self.synthetic_tasks > self.synthetic_classes:
+            _fail(
+                self,
+                "synthetic_tasks",
+                self.synthetic_tasks,
+                f"at most data.synthetic_classes ({self.synthetic_classes})",
+            )
         _non_negative(self, "specaug_freq", "specaug_time", "eval_window_start")
-        _fraction(self, "mixup", "max_skip_fraction", "label_smoothing", closed=True)
+        _fraction(self, "mixup", "max_skip_fraction", "label_smoothing", "synthetic_noise", closed=True)
+        _fraction(self, "val_fraction", closed=False)
         if self.sampling == "cavmae" and self.num_frames != 1:
             _fail(self, "num_frames", self.num_frames, "1 when data.sampling='cavmae' (CAV-MAE uses one frame)")
         if self.specaug_freq > self.num_mel_bins:
@@ -105,7 +142,11 @@ class DataConfig:
 @dataclass(kw_only=True)
 class ModelConfig:
     arch: Literal["cavmae", "stella"] = "stella"
-    """Model family: CAV-MAE (11+1 layers, 1 frame) or STELLA's backbone (10+2 layers, 4 frames, AVM)."""
+    """Model family: CAV-MAE (11+1 layers, 1 frame) or STELLA's backbone (10+2 layers, 4 frames, AVM); names the
+    key layout of an official checkpoint given as model.init."""
+    init: str = ""
+    """Weights to start from: a fastav weights file (weights.safetensors of a run), an official CAV-MAE or STELLA
+    checkpoint (.pth, read in model.arch's layout), or empty for a random initialisation."""
     embed_dim: int = 768
     """Encoder width."""
     num_heads: int = 12
@@ -191,8 +232,10 @@ class TrainConfig:
     """Directory for config.json, logs, metrics and checkpoints. Empty: runs/<recipe>-<timestamp>."""
     seed: int = 2021
     """Seed of every random choice of the run (data order, masking, selection, init)."""
-    optimizer: Literal["adam", "adamw"] = "adam"
-    """Optimizer (both papers use Adam with decoupled-free weight decay)."""
+    optimizer: Literal["adam", "adamw", "sgd"] = "adam"
+    """Optimizer (both papers use Adam with decoupled-free weight decay; MLA uses SGD with momentum)."""
+    momentum: float = 0.9
+    """SGD momentum (train.optimizer=sgd)."""
     lr: float = 1e-4
     """Peak learning rate."""
     betas: tuple[float, ...] = (0.95, 0.999)
@@ -227,12 +270,18 @@ class TrainConfig:
     """Checkpoint to resume from: a checkpoint directory (run_dir/checkpoints/step_000100), 'auto' (the latest
     one in run_dir/checkpoints, or a fresh start when there is none) or empty (fresh start)."""
     keep_checkpoints: int = 3
-    """Checkpoints kept in run_dir/checkpoints; older ones are deleted after each save (0 = keep all)."""
+    """Step checkpoints kept in run_dir/checkpoints; older ones are deleted after each save (0 = keep all). The
+    checkpoint at the end of each stage (a continual task) is always kept."""
+    max_bad_steps: int = 20
+    """A step whose loss is NaN or infinite on any rank is skipped (no parameter or optimizer-state change) and
+    counted; the run stops after this many in a row (checked at each logging step)."""
 
     def validate(self) -> None:
         _positive(self, "lr", "epochs", "grad_accum", "log_every", "gamma")
         _non_negative(self, "weight_decay", "warmup_epochs", "max_steps", "grad_clip", "checkpoint_every")
         _non_negative(self, "keep_checkpoints")
+        _positive(self, "max_bad_steps")
+        _fraction(self, "momentum", closed=False)
         if len(self.betas) != 2 or not all(0.0 <= b < 1.0 for b in self.betas):
             _fail(self, "betas", self.betas, "two numbers in [0, 1), e.g. 0.95,0.999")
         if list(self.milestones) != sorted(set(self.milestones)) or any(m <= 0 for m in self.milestones):
@@ -241,40 +290,189 @@ class TrainConfig:
             _fail(self, "milestones", self.milestones, "at least one epoch when train.schedule='multistep'")
 
 
-METHODS = ("finetune", "multitask", "er", "der++", "mir", "gmed", "clser", "lump", "esmer", "stella", "stella+")
+@dataclass(kw_only=True)
+class ContinualConfig:
+    task_order: tuple[str, ...] = ()
+    """Task names in training order. Empty: the continual tasks of the dataset manifest, in its order."""
+    epochs_per_task: int = 10
+    """Epochs on each task (STELLA: 10 VGGSound, 15 AudioSet); the multitask method trains this many epochs on the
+    union of the tasks."""
+
+    def validate(self) -> None:
+        _positive(self, "epochs_per_task")
+        if len(set(self.task_order)) != len(self.task_order):
+            _fail(self, "task_order", self.task_order, "each task at most once")
 
 
 @dataclass(kw_only=True)
-class ContinualConfig:
-    method: Literal[METHODS] = "stella"  # type: ignore[valid-type]
-    """Continual method: STELLA or one of the baselines it is compared with."""
-    task_order: tuple[str, ...] = ()
-    """Task names in training order. Empty: the order of the dataset manifest."""
-    epochs_per_task: int = 10
-    """Epochs on each task (STELLA: 10 VGGSound, 15 AudioSet)."""
-    memory_size: int = 2000
-    """Rehearsal memory size over all ranks (divided evenly among them)."""
+class DerppConfig:
     alpha: float = 0.5
-    """Weight of the DER++ penalty on replayed embeddings."""
+    """Weight of the MSE between the stored and the current mean-pooled audio and video embeddings of the replayed
+    clips (DER++ as STELLA's baseline code runs it)."""
+
+    def validate(self) -> None:
+        _non_negative(self, "alpha")
+
+
+@dataclass(kw_only=True)
+class LumpConfig:
+    mix_alpha: float = 0.5
+    """LUMP's mixup coefficient: one lambda ~ Beta(mix_alpha, mix_alpha) per batch mixes the current clips with the
+    replay draw."""
+
+    def validate(self) -> None:
+        _positive(self, "mix_alpha")
+
+
+@dataclass(kw_only=True)
+class StellaConfig:
     core_video_ratio: float = 0.5
-    """Fraction of video patches dropped from the candidate set (STELLA's core_video_ratio)."""
+    """Fraction of video patches dropped from the candidate set (STELLA's core_video_ratio): 392 of 784 kept."""
     core_audio_ratio: float = 0.5
-    """Fraction of audio patches dropped from the candidate set (STELLA's core_audio_ratio)."""
+    """Fraction of audio patches dropped from the candidate set (STELLA's core_audio_ratio): 256 of 512 kept."""
     num_core_audio_times: int = 4
     """Time steps per audio chunk in STELLA's chunked audio selection."""
     att_temperature: float = 0.4
     """Temperature of the cross-modal attention importance."""
+    alpha: float = 0.5
+    """Weight of the DER-style MSE on the replayed clips' stored embeddings."""
     matching_loss_weight: float = 1.0
     """Weight of the AVM matching loss."""
 
     def validate(self) -> None:
-        _positive(self, "epochs_per_task", "num_core_audio_times", "att_temperature")
-        _non_negative(self, "memory_size", "alpha", "matching_loss_weight")
+        _positive(self, "num_core_audio_times", "att_temperature")
+        _non_negative(self, "alpha", "matching_loss_weight")
         _fraction(self, "core_video_ratio", "core_audio_ratio", closed=False)
-        if len(set(self.task_order)) != len(self.task_order):
-            _fail(self, "task_order", self.task_order, "each task at most once")
-        if self.method not in ("finetune", "multitask") and self.memory_size == 0:
-            _fail(self, "memory_size", 0, f"> 0 for continual.method='{self.method}' (it replays from memory)")
+
+
+@dataclass(kw_only=True)
+class ClassifyConfig:
+    labels: Literal["single", "multi"] = "single"
+    """'single': one class per clip, softmax cross-entropy, accuracy (VGGSound, CREMA-D); 'multi': multi-hot
+    labels, binary cross-entropy, mAP (AudioSet). Every fine-tuning method reads it."""
+    mode: Literal["multimodal", "audioonly", "videoonly"] = "multimodal"
+    """linear_probe and cavmae_ft: CAV-MAE's fine-tuning mode, i.e. both modalities through the joint shared pass
+    or one modality through the shared layers with its own LayerNorms."""
+    head_lr_mult: float = 1.0
+    """cavmae_ft: learning-rate multiplier of the head's parameter group (CAV-MAE: 100 / 50 / 10 for AS-20K /
+    AS-2M / VGGSound); the backbone trains at train.lr."""
+    multi_frame_eval: bool = False
+    """Evaluate on all 10 frames of CAV-MAE's 1-fps grid, one at a time, and average the softmax (single) or
+    sigmoid (multi) outputs (data.sampling=cavmae on shards; synthetic clips have no grid)."""
+    select: Literal["val", "last"] = "val"
+    """Which weights the test split measures: those of the epoch with the best validation score (needs
+    data.val_fraction > 0) or of the last epoch. With weight averaging the average is tested instead."""
+    average_from: int = 0
+    """Weight averaging (CAV-MAE): first epoch (1-based) whose end-of-epoch weights enter an arithmetic mean of
+    the parameters; 0 = off."""
+    average_to: int = 0
+    """Last epoch (1-based) of the weight average; 0 = the last epoch of the run."""
+
+    def validate(self) -> None:
+        _positive(self, "head_lr_mult")
+        _non_negative(self, "average_from", "average_to")
+        if self.average_to and self.average_to < self.average_from:
+            _fail(self, "average_to", self.average_to, f"0 or >= method.classify.average_from ({self.average_from})")
+        if self.average_to and not self.average_from:
+            _fail(self, "average_from", 0, "the first averaged epoch (>= 1) when method.classify.average_to is set")
+
+
+@dataclass(kw_only=True)
+class MlaConfig:
+    encoders: Literal["backbone", "resnet18"] = "backbone"
+    """Encoders of mla, concat, ogm_ge and qmf: fastav's audio and video branches (model.*, weights from
+    model.init), or a ResNet-18 pair trained from scratch (MLA's CREMA-D setup)."""
+    resnet_width: int = 64
+    """Channels of the ResNet-18 stem (64: the standard network, 512-d features); smaller for CPU runs."""
+    fusion: Literal["entropy", "fixed"] = "entropy"
+    """mla's test-time fusion reported as 'fused' and used for selection: per-sample entropy weights (the paper)
+    or the fixed weights method.mla.fusion_weights. Both are always reported."""
+    fusion_weights: tuple[float, ...] = (0.55, 0.45)
+    """Audio and video weights of the fixed fusion (the official code's 0.55 / 0.45)."""
+    projection: bool = True
+    """The paper's head gradient modification (the official code's never runs); false trains alternating steps
+    through the shared head only."""
+    projection_alpha: float = 0.1
+    """Base of alpha = projection_alpha ** (1 + i / N) in the projector update, i the batch in the epoch, N the
+    batches per epoch."""
+    normalize_projector: bool = True
+    """Divide the projector by its Frobenius norm after each update (the official code's algorithm; OWM has no
+    such step)."""
+
+    def validate(self) -> None:
+        _positive(self, "resnet_width", "projection_alpha")
+        if len(self.fusion_weights) != 2 or any(w < 0 for w in self.fusion_weights):
+            accepted = "two non-negative numbers (audio, video), e.g. 0.55,0.45"
+            _fail(self, "fusion_weights", self.fusion_weights, accepted)
+
+
+@dataclass(kw_only=True)
+class OgmConfig:
+    alpha: float = 0.3
+    """OGM's modulation strength: the dominant modality's gradients are scaled by 1 - tanh(alpha * ratio)."""
+    start_epoch: int = 0
+    """First epoch (0-based) with modulation."""
+    end_epoch: int = 50
+    """Last epoch (0-based) with modulation."""
+    noise: bool = True
+    """Generalisation enhancement (OGM-GE): add N(0, std(g)) noise to the modulated gradients; false: plain OGM."""
+
+    def validate(self) -> None:
+        _non_negative(self, "alpha", "start_epoch", "end_epoch")
+
+
+@dataclass(kw_only=True)
+class QmfConfig:
+    rank_weight: float = 0.1
+    """Weight of QMF's confidence ranking loss per modality (the official ResNet path)."""
+    energy_scale: float = 10.0
+    """Confidence of a modality = logsumexp(logits) / energy_scale."""
+
+    def validate(self) -> None:
+        _non_negative(self, "rank_weight")
+        _positive(self, "energy_scale")
+
+
+CONTINUAL_METHODS = ("finetune", "multitask", "er", "derpp", "lump")
+"""Pre-training methods (``launch/pretrain.py``, ``launch/continual.py``); the replay ones keep a memory."""
+REPLAY_METHODS = ("er", "derpp", "lump")
+FINETUNE_METHODS = ("linear_probe", "stella_probe", "cavmae_ft", "mla", "concat", "ogm_ge", "qmf")
+"""Downstream fine-tuning methods (``launch/finetune.py``): classification probes and full fine-tuning, MLA and
+the joint-training baselines it is compared with."""
+METHODS = CONTINUAL_METHODS + FINETUNE_METHODS
+"""Every ``method.name`` fastav implements."""
+
+
+@dataclass(kw_only=True)
+class MethodConfig:
+    name: Literal[METHODS] = "finetune"  # type: ignore[valid-type]
+    """What is trained: 'finetune' (MAE + InfoNCE on the current batch; plain pre-training, the continual lower
+    bound), 'multitask' (the same on all tasks jointly, the upper bound), or a replay method: 'er', 'derpp', 'lump'."""
+    memory_size: int = 2000
+    """Replay memory size over all ranks, divided evenly among them (reservoir sampling)."""
+    derpp: DerppConfig = field(default_factory=DerppConfig)
+    """DER++ settings."""
+    lump: LumpConfig = field(default_factory=LumpConfig)
+    """LUMP settings."""
+    stella: StellaConfig = field(default_factory=StellaConfig)
+    """STELLA settings."""
+    classify: ClassifyConfig = field(default_factory=ClassifyConfig)
+    """Settings every fine-tuning method shares (launch/finetune.py: labels, selection, averaging, evaluation)."""
+    mla: MlaConfig = field(default_factory=MlaConfig)
+    """MLA settings; the encoder choice also serves its baselines concat, ogm_ge and qmf."""
+    ogm: OgmConfig = field(default_factory=OgmConfig)
+    """OGM-GE settings."""
+    qmf: QmfConfig = field(default_factory=QmfConfig)
+    """QMF settings."""
+
+    def validate(self) -> None:
+        _non_negative(self, "memory_size")
+        if self.name in REPLAY_METHODS and self.memory_size == 0:
+            _fail(self, "memory_size", 0, f"> 0 for method.name='{self.name}' (it replays from memory)")
+        for sub in (self.derpp, self.lump, self.stella):
+            sub.validate()
+        for sub in (self.classify, self.mla, self.ogm, self.qmf):
+            sub.validate()
 
 
 @dataclass(kw_only=True)
@@ -318,6 +516,7 @@ SECTIONS: dict[str, type] = {
     "model": ModelConfig,
     "train": TrainConfig,
     "continual": ContinualConfig,
+    "method": MethodConfig,
     "eval": EvalConfig,
     "distributed": DistributedConfig,
 }
@@ -331,6 +530,7 @@ class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     continual: ContinualConfig = field(default_factory=ContinualConfig)
+    method: MethodConfig = field(default_factory=MethodConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     distributed: DistributedConfig = field(default_factory=DistributedConfig)
 
@@ -378,8 +578,8 @@ class Config:
             if key != "recipe" and key not in SECTIONS:
                 raise ConfigError(_unknown("section", key, list(SECTIONS)))
         for name in SECTIONS:
-            for key, value in raw.get(name, {}).items():
-                _set_field(cfg, f"{name}.{key}", value, from_text=False)
+            for dotted, value in _flatten(raw.get(name, {}), name):
+                _set_field(cfg, dotted, value, from_text=False)
         return cfg.validate()
 
     @classmethod
@@ -408,6 +608,9 @@ class Config:
             "gradient_clipping": self.train.grad_clip,
             "bf16": {"enabled": self.train.precision == "bf16"},
             "zero_optimization": zero,
+            # DeepSpeed's list of ZeRO-tested optimizers has torch's Adam and AdamW but not SGD; torch's SGD on
+            # ZeRO's flat fp32 partitions is an ordinary elementwise update
+            "zero_allow_untested_optimizer": self.train.optimizer == "sgd",
             "steps_per_print": 10**9,
             "wall_clock_breakdown": False,
         }
@@ -441,7 +644,8 @@ def debug() -> Config:
         decoder_heads=4,
     )
     cfg.train = dataclasses.replace(cfg.train, precision="fp32", epochs=2, log_every=5, tensorboard=False)
-    cfg.continual = dataclasses.replace(cfg.continual, epochs_per_task=1, memory_size=64)
+    cfg.continual = dataclasses.replace(cfg.continual, epochs_per_task=1)
+    cfg.method = dataclasses.replace(cfg.method, memory_size=64)
     cfg.eval = dataclasses.replace(cfg.eval, batch_size=16)
     cfg.distributed = dataclasses.replace(cfg.distributed, zero_stage=0)
     return cfg
@@ -523,6 +727,91 @@ def stella_audioset() -> Config:
     return cfg
 
 
+def debug_finetune() -> Config:
+    """Fine-tuning at the debug sizes on a CPU (launch/finetune.py): a linear probe unless method.name says
+    otherwise, a fifth of the training clips held out for validation, a few epochs."""
+    cfg = debug()
+    cfg.recipe = "debug_finetune"
+    cfg.data = dataclasses.replace(cfg.data, val_fraction=0.2)
+    cfg.train = dataclasses.replace(cfg.train, lr=1e-3, epochs=4)
+    cfg.method = dataclasses.replace(cfg.method, name="linear_probe")
+    return cfg
+
+
+def debug_mla() -> Config:
+    """MLA at the debug sizes on a CPU (method.name=concat, ogm_ge or qmf for its baselines): the debug-size fastav
+    branches (from model.init, else random), SGD with momentum, and synthetic clips whose video is the weak
+    modality (data.source=synthetic)."""
+    cfg = debug_finetune()
+    cfg.recipe = "debug_mla"
+    cfg.data = dataclasses.replace(cfg.data, synthetic_weak_modality="video", synthetic_noise=0.5)
+    cfg.train = dataclasses.replace(cfg.train, optimizer="sgd", lr=1e-2, momentum=0.9, weight_decay=1e-4, epochs=8)
+    cfg.method = dataclasses.replace(cfg.method, name="mla")
+    return cfg
+
+
+def mla_cremad() -> Config:
+    """MLA on CREMA-D as the paper (mla.md §1.1, §6): a ResNet-18 pair from scratch, 3 frames 1 s apart at 224 px,
+    SGD lr 1e-3, momentum 0.9, weight decay 1e-4, lr x0.1 at epoch 70, 100 epochs, batch 64 on one GPU, fp32; a
+    tenth of the training clips held out for selection (the official code selects on test)."""
+    cfg = base()
+    cfg.recipe = "mla_cremad"
+    cfg.data = dataclasses.replace(
+        cfg.data, batch_size=64, num_frames=3, eval_window_start=0.0, noise=False, val_fraction=0.1
+    )
+    cfg.train = dataclasses.replace(
+        cfg.train, optimizer="sgd", lr=1e-3, momentum=0.9, weight_decay=1e-4, schedule="multistep",
+        milestones=(70,), gamma=0.1, epochs=100, precision="fp32",
+    )  # fmt: skip
+    cfg.method = dataclasses.replace(cfg.method, name="mla")
+    cfg.method.mla = dataclasses.replace(cfg.method.mla, encoders="resnet18")
+    return cfg
+
+
+def stella_probe_vggsound() -> Config:
+    """STELLA's downstream VGGSound classification (stella.md §6.2): its MLP head on the frozen backbone, AdamW 5e-4,
+    betas (0.95, 0.999), weight decay 5e-6, 2 warm-up epochs then cosine, 15 epochs, batch 12 x 4 GPUs,
+    SpecAugment 48 / 192 and noise; model.init names the continual checkpoint."""
+    cfg = stella_vggsound()
+    cfg.recipe = "stella_probe_vggsound"
+    cfg.data = dataclasses.replace(cfg.data, specaug_freq=48, specaug_time=192, val_fraction=0.1)
+    cfg.train = dataclasses.replace(
+        cfg.train, optimizer="adamw", lr=5e-4, weight_decay=5e-6, schedule="cosine", warmup_epochs=2.0, epochs=15
+    )
+    cfg.method = dataclasses.replace(cfg.method, name="stella_probe")
+    return cfg
+
+
+def cavmae_ft_vggsound() -> Config:
+    """CAV-MAE's VGGSound fine-tuning (cav_mae.md §7): lr 1e-4 with the head at x10, lr halved every epoch from the
+    third, 10 epochs, batch 12 x 4 GPUs, SpecAugment 48 / 192, mixup 0.5, label smoothing 0.1, weights averaged over
+    epochs 3-10, predictions averaged over 10 frames."""
+    cfg = cavmae_base()
+    cfg.recipe = "cavmae_ft_vggsound"
+    cfg.data = dataclasses.replace(
+        cfg.data, specaug_freq=48, specaug_time=192, mixup=0.5, label_smoothing=0.1, val_fraction=0.1
+    )
+    cfg.train = dataclasses.replace(cfg.train, lr=1e-4, milestones=tuple(range(2, 10)), epochs=10)
+    cfg.method = dataclasses.replace(cfg.method, name="cavmae_ft")
+    cfg.method.classify = dataclasses.replace(
+        cfg.method.classify, head_lr_mult=10.0, multi_frame_eval=True, average_from=3, average_to=10
+    )
+    return cfg
+
+
+def cavmae_ft_as20k() -> Config:
+    """CAV-MAE's AudioSet-20K fine-tuning (cav_mae.md §7): multi-label (BCE, mAP), lr 5e-5 with the head at x100,
+    halved every epoch from the sixth, 15 epochs, batch 9 x 4 GPUs, weights averaged over epochs 3-15."""
+    cfg = cavmae_ft_vggsound()
+    cfg.recipe = "cavmae_ft_as20k"
+    cfg.data = dataclasses.replace(cfg.data, batch_size=9)
+    cfg.train = dataclasses.replace(cfg.train, lr=5e-5, milestones=tuple(range(5, 15)), epochs=15)
+    cfg.method.classify = dataclasses.replace(
+        cfg.method.classify, labels="multi", head_lr_mult=100.0, average_from=3, average_to=15
+    )
+    return cfg
+
+
 RECIPES: dict[str, Callable[[], Config]] = {
     "base": base,
     "debug": debug,
@@ -530,6 +819,12 @@ RECIPES: dict[str, Callable[[], Config]] = {
     "cavmae_base": cavmae_base,
     "stella_vggsound": stella_vggsound,
     "stella_audioset": stella_audioset,
+    "debug_finetune": debug_finetune,
+    "debug_mla": debug_mla,
+    "mla_cremad": mla_cremad,
+    "stella_probe_vggsound": stella_probe_vggsound,
+    "cavmae_ft_vggsound": cavmae_ft_vggsound,
+    "cavmae_ft_as20k": cavmae_ft_as20k,
 }
 
 
@@ -562,17 +857,39 @@ _FALSE = {"0", "false", "no", "off"}
 
 def _set_field(cfg: Config, dotted: str, value: Any, *, from_text: bool) -> None:
     parts = dotted.split(".")
-    if len(parts) != 2:
-        raise ConfigError(f"override {dotted!r}: expected section.field, e.g. train.lr")
-    section, key = parts
-    if section not in SECTIONS:
-        raise ConfigError(_unknown("section", section, list(SECTIONS)))
-    obj = getattr(cfg, section)
-    hints = typing.get_type_hints(type(obj))
-    names = [f.name for f in dataclasses.fields(obj)]
-    if key not in names:
-        raise ConfigError(_unknown(f"field of '{section}'", key, names, prefix=f"{section}."))
-    setattr(obj, key, _convert(f"{section}.{key}", hints[key], value, from_text))
+    if len(parts) < 2:
+        raise ConfigError(f"override {dotted!r}: expected section.field, e.g. train.lr or method.stella.alpha")
+    if parts[0] not in SECTIONS:
+        raise ConfigError(_unknown("section", parts[0], list(SECTIONS)))
+    obj: Any = cfg
+    for depth, key in enumerate(parts):
+        if not dataclasses.is_dataclass(obj):
+            where = ".".join(parts[:depth])
+            raise ConfigError(f"override {dotted!r}: {where} is a value, not a section")
+        names = [f.name for f in dataclasses.fields(obj)]
+        where = ".".join(parts[:depth])
+        if key not in names:
+            what = "section" if depth == 0 else f"field of '{where}'"
+            raise ConfigError(_unknown(what, key, names, prefix=f"{where}." if where else ""))
+        if depth == len(parts) - 1:
+            tp = typing.get_type_hints(type(obj))[key]
+            if dataclasses.is_dataclass(tp):
+                fields = ", ".join(f"{dotted}.{f.name}" for f in dataclasses.fields(tp))
+                raise ConfigError(f"override {dotted!r}: a section, not a value; set its fields: {fields}")
+            setattr(obj, key, _convert(dotted, tp, value, from_text))
+        else:
+            obj = getattr(obj, key)
+
+
+def _flatten(raw: Any, prefix: str) -> Iterable[tuple[str, Any]]:
+    """``{"a": {"b": 1}}`` under ``prefix`` as ``("prefix.a.b", 1)`` pairs (nested sections of a saved config)."""
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{prefix}: expected a section (a JSON object), got {raw!r}")
+    for key, value in raw.items():
+        if isinstance(value, dict):
+            yield from _flatten(value, f"{prefix}.{key}")
+        else:
+            yield f"{prefix}.{key}", value
 
 
 def _convert(name: str, tp: Any, value: Any, from_text: bool) -> Any:
@@ -632,8 +949,24 @@ def _unknown(what: str, got: str, valid: list[str], prefix: str = "") -> str:
     return f"unknown {what} {got!r}{hint}; valid: {', '.join(prefix + v for v in valid)}"
 
 
+def _section_paths() -> dict[type, str]:
+    """Every section class (nested ones included) and its dotted path in :class:`Config`."""
+    paths: dict[type, str] = {}
+
+    def walk(cls: type, path: str) -> None:
+        paths[cls] = path
+        for f in dataclasses.fields(cls):
+            tp = typing.get_type_hints(cls)[f.name]
+            if dataclasses.is_dataclass(tp):
+                walk(tp, f"{path}.{f.name}")
+
+    for name, cls in SECTIONS.items():
+        walk(cls, name)
+    return paths
+
+
 def _section_name(obj: Any) -> str:
-    return next(name for name, cls in SECTIONS.items() if isinstance(obj, cls))
+    return _section_paths()[type(obj)]
 
 
 def _fail(obj: Any, key: str, value: Any, accepted: str) -> typing.NoReturn:
@@ -673,14 +1006,24 @@ def field_docs(cls: type) -> dict[str, str]:
 
 
 def explain(cfg: Config) -> str:
-    """One line per field: dotted name, current value, docstring."""
+    """One line per field: dotted name, current value, docstring (nested sections after their parent's fields)."""
     lines = [f"recipe: {cfg.recipe}"]
-    for name, cls in SECTIONS.items():
-        docs = field_docs(cls)
-        lines.append(f"\n[{name}]")
-        for f in dataclasses.fields(cls):
-            value = getattr(getattr(cfg, name), f.name)
-            lines.append(f"  {name}.{f.name} = {value!r}\n      {docs.get(f.name, '')}")
+
+    def section(obj: Any, path: str) -> None:
+        docs = field_docs(type(obj))
+        lines.append(f"\n[{path}]")
+        nested = []
+        for f in dataclasses.fields(obj):
+            value = getattr(obj, f.name)
+            if dataclasses.is_dataclass(value):
+                nested.append((value, f"{path}.{f.name}"))
+                continue
+            lines.append(f"  {path}.{f.name} = {value!r}\n      {docs.get(f.name, '')}")
+        for value, sub in nested:
+            section(value, sub)
+
+    for name in SECTIONS:
+        section(getattr(cfg, name), name)
     return "\n".join(lines)
 
 

@@ -61,7 +61,9 @@ class MetricLogger:
     """Append-only metrics: ``metrics.jsonl`` (one object a line), console, optional TensorBoard.
 
     Each record carries ``step``, ``time`` (seconds since the logger was created) and the given values.
-    ``tag`` groups records (``train``, ``eval``, ``task_end`` ...) so readers can filter them.
+    ``tag`` groups records (``train``, ``eval``, ``task_end`` ...) so readers can filter them. A resumed run passes
+    ``resume_step``: records written after that step by the interrupted run are dropped, so the file continues
+    from the checkpoint and holds every step once.
     """
 
     def __init__(
@@ -72,10 +74,13 @@ class MetricLogger:
         console: bool = True,
         filename: str = "metrics.jsonl",
         logger: logging.Logger | None = None,
+        resume_step: int | None = None,
     ) -> None:
         self.run_dir = Path(run_dir)
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self.path = self.run_dir / filename
+        if resume_step is not None and self.path.is_file():
+            _truncate_after(self.path, resume_step)
         self._file = self.path.open("a", buffering=1)
         self._start = time.monotonic()
         self._console = console
@@ -108,6 +113,21 @@ class MetricLogger:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _truncate_after(path: Path, step: int) -> None:
+    """Keep the records of ``path`` up to ``step`` (atomically); unreadable trailing lines of a killed run go too."""
+    kept = []
+    for line in path.read_text().splitlines():
+        try:
+            record = json.loads(line)
+        except ValueError:
+            continue
+        if int(record.get("step", 0)) <= step:
+            kept.append(line)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("".join(line + "\n" for line in kept))
+    os.replace(tmp, path)
 
 
 def _format_values(record: Mapping[str, Any]) -> str:
@@ -164,3 +184,27 @@ def progress(iterable: Iterable[T], *, total: int | None = None, desc: str = "",
     from tqdm.auto import tqdm
 
     return iter(tqdm(iterable, total=total, desc=desc, unit=unit, dynamic_ncols=True, mininterval=1.0))
+
+
+class Bar:
+    """A progress bar for work counted by hand (``update(n)``); silent when disabled, on ranks other than 0, or with
+    FASTAV_NO_PROGRESS=1."""
+
+    def __init__(self, total: int, desc: str = "", unit: str = "it", *, enabled: bool = True, initial: int = 0) -> None:
+        self._bar = None
+        if enabled and os.environ.get("FASTAV_NO_PROGRESS") != "1":
+            from tqdm.auto import tqdm
+
+            self._bar = tqdm(
+                total=total, desc=desc, unit=unit, initial=initial, dynamic_ncols=True, mininterval=1.0, leave=False
+            )
+
+    def update(self, n: int = 1, **postfix: Any) -> None:
+        if self._bar is not None:
+            if postfix:
+                self._bar.set_postfix(postfix, refresh=False)
+            self._bar.update(n)
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.close()

@@ -2,7 +2,13 @@
 
 Exit codes: 0 success, 2 the command itself failed (bad arguments, unreadable dataset, unwritable output).
 ``build`` exits 1 when more than ``--max-reject-fraction`` of its clips were rejected (the dataset is still
-written); ``verify`` exits 1 when it finds problems; ``probe`` exits 1 when a file would be rejected.
+written), and ``split`` on the same condition for the clips rejected while planning (missing and empty files,
+unreadable input rows); both print the count of each reason code with example files. ``verify`` exits 1 when
+it finds problems; ``probe`` exits 1 when a file would be rejected.
+
+``split`` takes every option ``build`` takes, so a build command line with ``build`` replaced by ``split`` is its
+dry run: the encoding options are checked but nothing is encoded; ``--out`` and the run options other than
+``--max-reject-fraction`` are ignored.
 """
 
 from __future__ import annotations
@@ -12,14 +18,18 @@ import json
 import sys
 import time
 import traceback
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from shards.manifest import ManifestError, load_manifest, summary
+from shards.rejects import limit_error, report_lines
 
 if TYPE_CHECKING:
     from shards.build import InputOptions
-    from shards.split import SplitConfig, TaskSpec
+    from shards.split import Plan, SplitConfig, TaskSpec
     from shards.transcode import ClipParams
+
+Commands = argparse._SubParsersAction
+"""What ``ArgumentParser.add_subparsers`` returns: each ``_add_<command>`` adds its command to it."""
 
 
 def _synth(args: argparse.Namespace) -> int:
@@ -28,6 +38,7 @@ def _synth(args: argparse.Namespace) -> int:
     spec = SynthSpec(
         categories=args.categories,
         classes_per_category=args.classes_per_category,
+        pretrain_classes_per_category=args.pretrain_classes_per_category,
         clips_per_class=args.clips_per_class,
         seed=args.seed,
         size=args.size,
@@ -54,8 +65,19 @@ def _info(args: argparse.Namespace) -> int:
     return 0
 
 
-def _add_input_args(p: argparse.ArgumentParser) -> None:
+def _add_plan_args(p: argparse.ArgumentParser) -> None:
+    """The options of ``build`` that decide the plan: where the clips come from, and how they split into tasks."""
+    _add_source_args(p)
+    _add_split_args(p)
+
+
+def _add_source_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("inputs")
+    _add_input_files(g)
+    _add_input_reading(g)
+
+
+def _add_input_files(g: argparse._ArgumentGroup) -> None:
     g.add_argument(
         "--input",
         action="append",
@@ -91,6 +113,9 @@ def _add_input_args(p: argparse.ArgumentParser) -> None:
         help="class -> category file (.csv rows 'class,category', or .json "
         "{category: [classes]}); one continual task per category",
     )
+
+
+def _add_input_reading(g: argparse._ArgumentGroup) -> None:
     g.add_argument(
         "--audio-from",
         choices=["video", "wav"],
@@ -107,6 +132,8 @@ def _add_input_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--start", type=float, default=0.0, help="seconds into each file where the segment starts")
     g.add_argument("--extensions", default=None, help="comma-separated video extensions of a folder input")
 
+
+def _add_split_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("continual split")
     g.add_argument(
         "--preset",
@@ -145,8 +172,8 @@ def _add_input_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--shard-size", type=int, default=256, help="samples per shard (default 256)")
 
 
-def _add_encoding_args(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("clip encoding")
+def _add_encoding_args(p: argparse.ArgumentParser, title: str = "clip encoding") -> None:
+    g = p.add_argument_group(title)
     g.add_argument("--fps", type=int, default=8, help="video frame rate (default 8)")
     g.add_argument("--size", type=int, default=256, help="square frame side after short-side resize + centre crop")
     g.add_argument("--codec", choices=["vp9", "h264"], default="vp9", help="vp9 (DALI CPU+GPU) or h264 (GPU only)")
@@ -267,8 +294,7 @@ def _clip_params(args: argparse.Namespace) -> ClipParams:
 def _build(args: argparse.Namespace) -> int:
     from shards.build import build_dataset, make_plan
 
-    if not 0.0 <= args.max_reject_fraction <= 1.0:
-        raise ValueError(f"--max-reject-fraction {args.max_reject_fraction}: must be in [0, 1]")
+    _check_max_reject_fraction(args)
     params = _clip_params(args)
     config = _split_config(args)
     opts = _input_options(args)
@@ -300,53 +326,77 @@ def _build(args: argparse.Namespace) -> int:
         f"{len(report.rejects)} rejected"
         + (f" ({report.reject_summary()}), see rejects.jsonl" if report.rejects else "")
     )
-    if report.reject_fraction > args.max_reject_fraction:
-        print(
-            f"error: {len(report.rejects)} of {report.considered} clips ({report.reject_fraction:.1%}) were rejected, "
-            f"more than --max-reject-fraction {args.max_reject_fraction:g}; the reasons are in "
-            f"{report.out / 'rejects.jsonl'} (fix the inputs, or raise --max-reject-fraction to accept them)",
-            file=sys.stderr,
-        )
-        return 1
-    return 0
+    _print_rejects(report.rejects)
+    see = f"the reasons are in {report.out / 'rejects.jsonl'}"
+    return _reject_verdict(len(report.rejects), report.considered, args.max_reject_fraction, stage="", see=see)
 
 
 def _split(args: argparse.Namespace) -> int:
     from shards.build import make_plan
 
+    _check_max_reject_fraction(args)
+    _clip_params(args)  # checked as build checks them, so that the dry run catches a bad build command line
     config = _split_config(args)
     plan, inputs = make_plan(_input_options(args), config)
     print("\n".join(inputs.descriptions))
     print(plan.summary(config.retrieval_per_class))
+    _print_rejects(plan.rejects)
+    see = "the reasons are above"
     if args.write:
-        doc = {
-            "classes": plan.classes,
-            "categories": plan.categories,
-            "split": config.describe(),
-            "excluded": plan.excluded,
-            "rejects": plan.rejects,
-            "tasks": [
-                {
-                    "name": t.name,
-                    "category": t.category,
-                    "classes": t.classes,
-                    **{
-                        s: [
-                            {"key": j.key, "source": j.source, "labels": list(j.label_names)}
-                            for shard in t.shards[s]
-                            for j in shard
-                        ]
-                        for s in ("train", "test")
-                    },
-                    "retrieval_candidates": t.retrieval_candidates,
-                }
-                for t in plan.tasks
-            ],
-        }
-        with open(args.write, "w") as f:
-            json.dump(doc, f, indent=1)
+        _write_plan(args.write, plan, config)
         print(f"wrote the plan to {args.write}")
-    return 0
+        see += f" and under 'rejects' in {args.write}"
+    considered = len(plan.jobs("train")) + len(plan.jobs("test")) + len(plan.rejects)
+    return _reject_verdict(len(plan.rejects), considered, args.max_reject_fraction, stage=" while planning", see=see)
+
+
+def _check_max_reject_fraction(args: argparse.Namespace) -> None:
+    if not 0.0 <= args.max_reject_fraction <= 1.0:
+        raise ValueError(f"--max-reject-fraction {args.max_reject_fraction}: must be in [0, 1]")
+
+
+def _print_rejects(rejects: list[dict[str, Any]]) -> None:
+    if rejects:
+        print("rejected, by reason:")
+        print("\n".join(report_lines(rejects)))
+
+
+def _reject_verdict(rejected: int, considered: int, max_fraction: float, *, stage: str, see: str) -> int:
+    """1 (after saying why on stderr) when too many clips were rejected, else 0."""
+    error = limit_error(rejected, considered, max_fraction, stage=stage, see=see)
+    if error is None:
+        return 0
+    print(f"error: {error}", file=sys.stderr)
+    return 1
+
+
+def _write_plan(path: str, plan: Plan, config: SplitConfig) -> None:
+    doc = {
+        "classes": plan.classes,
+        "categories": plan.categories,
+        "split": config.describe(),
+        "excluded": plan.excluded,
+        "rejects": plan.rejects,
+        "tasks": [
+            {
+                "name": t.name,
+                "category": t.category,
+                "classes": t.classes,
+                **{
+                    s: [
+                        {"key": j.key, "source": j.source, "labels": list(j.label_names)}
+                        for shard in t.shards[s]
+                        for j in shard
+                    ]
+                    for s in ("train", "test")
+                },
+                "retrieval_candidates": t.retrieval_candidates,
+            }
+            for t in plan.tasks
+        ],
+    }
+    with open(path, "w") as f:
+        json.dump(doc, f, indent=1)
 
 
 def _verify(args: argparse.Namespace) -> int:
@@ -385,11 +435,39 @@ def _probe(args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m shards", description="fastav shard tools")
     sub = parser.add_subparsers(dest="command", required=True)
+    for add in (_add_synth, _add_info, _add_build, _add_split, _add_verify, _add_stats, _add_probe):
+        add(sub)
+    return _run(parser.parse_args(argv))
 
+
+def _run(args: argparse.Namespace) -> int:
+    from shards.build import BuildError
+    from shards.sources import InputError
+
+    try:
+        return args.func(args)
+    except (ManifestError, FileExistsError, ValueError, OSError, BuildError, InputError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    except Exception as err:  # a bug, not a user error: show where, still exit 2
+        traceback.print_exc()
+        print(f"error: {args.command} failed unexpectedly: {err!r}", file=sys.stderr)
+        return 2
+
+
+def _add_synth(sub: Commands) -> None:
     p = sub.add_parser("synth", help="generate a synthetic audio-video dataset (one task per category)")
     p.add_argument("--out", required=True, help="output dataset directory (empty, new, or an earlier synth)")
     p.add_argument("--categories", type=int, default=3, help="categories = continual tasks (default 3)")
     p.add_argument("--classes-per-category", type=int, default=4)
+    p.add_argument(
+        "--pretrain-classes-per-category",
+        type=int,
+        default=0,
+        metavar="K",
+        help="K more classes per category, in no continual task: together they make one last task 'pretrain' "
+        "(manifest role 'pretrain') to pre-train on before the continual tasks (default 0: none)",
+    )
     p.add_argument("--clips-per-class", type=int, default=24)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--size", type=int, default=96, help="frame side in pixels (even; default 96)")
@@ -405,15 +483,38 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=_synth)
 
+
+def _add_info(sub: Commands) -> None:
     p = sub.add_parser("info", help="print the summary of a dataset directory")
     p.add_argument("root")
     p.set_defaults(func=_info)
 
+
+def _add_build(sub: Commands) -> None:
     p = sub.add_parser("build", help="build shards from real videos (folder, list, VGGSound CSV, CAV-MAE JSON)")
     p.add_argument("--out", required=True, help="dataset directory (new, empty, or an earlier build to resume)")
-    _add_input_args(p)
+    _add_plan_args(p)
     _add_encoding_args(p)
-    g = p.add_argument_group("run")
+    _add_run_args(p)
+    p.set_defaults(func=_build)
+
+
+def _add_split(sub: Commands) -> None:
+    p = sub.add_parser(
+        "split",
+        help="print (and --write) the continual split a build with the same options would make; encodes nothing, "
+        "exits 1 on too many rejects as build does",
+    )
+    p.add_argument("--out", help="ignored (accepted so that a build command line works unchanged)")
+    p.add_argument("--write", metavar="PLAN.json", help="write the plan (tasks, splits, keys, rejects) as JSON")
+    _add_plan_args(p)
+    _add_encoding_args(p, title="clip encoding (checked as build checks it; split encodes nothing)")
+    _add_run_args(p, title="run (split uses only --max-reject-fraction)")
+    p.set_defaults(func=_split)
+
+
+def _add_run_args(p: argparse.ArgumentParser, title: str = "run") -> None:
+    g = p.add_argument_group(title)
     g.add_argument(
         "--workers",
         type=int,
@@ -433,13 +534,9 @@ def main(argv: list[str] | None = None) -> int:
         help="exit 1 when more of the clips than this are rejected (default 0.05)",
     )
     g.add_argument("--quiet", action="store_true", help="no progress bar")
-    p.set_defaults(func=_build)
 
-    p = sub.add_parser("split", help="print (and --write) the continual split a build would make; encodes nothing")
-    _add_input_args(p)
-    p.add_argument("--write", metavar="PLAN.json", help="write the plan (tasks, splits, keys) as JSON")
-    p.set_defaults(func=_split)
 
+def _add_verify(sub: Commands) -> None:
     p = sub.add_parser("verify", help="re-read every shard: tar, index, members, manifest counts; exit 1 on problems")
     p.add_argument("root")
     p.add_argument("--no-decode", action="store_true", help="skip decoding the members (structure and index only)")
@@ -448,29 +545,19 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=_verify)
 
+
+def _add_stats(sub: Commands) -> None:
     p = sub.add_parser("stats", help="counts, hours, padding, sizes, rejects of a dataset")
     p.add_argument("root")
     p.add_argument("--json", action="store_true", help="print JSON instead of tables")
     p.set_defaults(func=_stats)
 
+
+def _add_probe(sub: Commands) -> None:
     p = sub.add_parser("probe", help="show what files hold and whether 'build' would take them (exit 1 if not)")
     p.add_argument("files", nargs="+")
     _add_encoding_args(p)
     p.set_defaults(func=_probe)
-
-    args = parser.parse_args(argv)
-    from shards.build import BuildError
-    from shards.sources import InputError
-
-    try:
-        return args.func(args)
-    except (ManifestError, FileExistsError, ValueError, OSError, BuildError, InputError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    except Exception as err:  # a bug, not a user error: show where, still exit 2
-        traceback.print_exc()
-        print(f"error: {args.command} failed unexpectedly: {err!r}", file=sys.stderr)
-        return 2
 
 
 if __name__ == "__main__":

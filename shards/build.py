@@ -6,9 +6,10 @@ small record in ``OUT/.build/<task>/<split>/shard-NNNNNN.json`` holding a finger
 made from (its jobs, the source files' sizes and mtimes, the preprocessing parameters) and what became of
 each clip. A re-run skips a shard whose tar, index and record exist with the same fingerprint, and rewrites
 any other one; since the plan and the encoders are deterministic, the rewritten shard has the same bytes an
-uninterrupted build would have written. Shards are written through :func:`shards.writer.write_shard`
-(``.partial`` files renamed when complete); leftovers of a killed run are deleted first, and
-``manifest.json`` is written last, so a directory with a manifest is a finished build.
+uninterrupted build would have written. Shards, retrieval copies, ``rejects.jsonl`` and
+``manifest.json`` are written through :mod:`shards.dataset`, the path ``synth`` takes too (``.partial`` files
+renamed when complete); leftovers of a killed run are deleted first, and ``manifest.json`` is written last, so a
+directory with a manifest is a finished build.
 
 Bad clips never stop the build: each becomes a line of ``rejects.jsonl`` (``source``, ``reason``, ``code``, and
 where known ``key``, ``task``, ``split``, ``path``, ``listed_in``) and counts in the manifest (``rejects``,
@@ -17,7 +18,11 @@ processes run the clips (:func:`shards.workers.map_isolated`), so even a crash i
 :class:`BuildReport` says whether the rejects exceed the allowed fraction; the CLI turns that into exit code 1.
 
 Retrieval shards hold, per class, the first ``retrieval_per_class`` built test clips in a seeded order,
-copied from the test shards with ``split`` set to ``retrieval`` (as in :mod:`shards.synth`).
+copied from the test shards with ``split`` set to ``retrieval`` (:func:`shards.dataset.copy_retrieval`).
+
+The stages of :func:`build_dataset`: :func:`_clip_units` (a unit per train / test shard, finished or not),
+:func:`_encode` (the clips of the unfinished ones, in worker processes), :func:`_retrieval_units` and
+:func:`_copy_retrieval`, :func:`_remove_stale`, then :func:`_finish` (rejects and manifest).
 """
 
 from __future__ import annotations
@@ -27,30 +32,37 @@ import hashlib
 import itertools
 import json
 import os
-import signal
 import time
-from collections import Counter
+from collections import Counter, defaultdict
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field, replace
 from functools import partial
 from pathlib import Path
 from typing import IO, Any
 
-from shards.manifest import SPLITS, load_manifest, make_manifest, shard_relpath, write_manifest
+from shards import _testing
+from shards.dataset import (
+    Written,
+    copy_retrieval,
+    finish_dataset,
+    retrieval_layout,
+    shard_entry,
+    task_entry,
+    write_samples,
+)
+from shards.manifest import SPLITS, load_manifest, shard_relpath
+from shards.progress import progress
+from shards.rejects import code_counts
 from shards.sources import VIDEO_EXTENSIONS, InputError, Inputs, read_category_map, read_class_index, read_inputs
 from shards.split import Plan, SplitConfig, TaskPlan, class_order, plan_dataset
 from shards.transcode import ClipJob, ClipParams, ClipResult, process_clip
 from shards.workers import default_workers, map_isolated
-from shards.writer import Sample, iter_shard, remove_partials, shard_complete, write_shard
+from shards.writer import Sample, remove_partials, shard_complete
 
 BUILDER = "shards build"
 BUILD_FORMAT = 1
 """Bumped when the same job and parameters would give different bytes; part of every shard fingerprint."""
 STATE_DIR = ".build"
-CRASH_HOOK_ENV = "FASTAV_SHARDS_TEST_CRASH_ON"
-"""Test hook: a worker given a clip whose source contains this text kills itself with SIGSEGV (an FFmpeg crash)."""
-HANG_HOOK_ENV = "FASTAV_SHARDS_TEST_HANG_ON"
-"""Test hook: a worker given a clip whose source contains this text never returns (an FFmpeg hang)."""
 DEFAULT_CLIP_TIMEOUT = 300.0
 
 
@@ -112,8 +124,7 @@ class BuildReport:
         return len(self.rejects) / self.considered if self.considered else 0.0
 
     def reject_summary(self, top: int = 5) -> str:
-        codes = Counter(r["code"] for r in self.rejects)
-        return ", ".join(f"{code} {n}" for code, n in codes.most_common(top))
+        return code_counts(self.rejects, top)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -148,7 +159,7 @@ def read_all(opts: InputOptions) -> tuple[Inputs, list[str], dict[str, str] | No
 def make_plan(opts: InputOptions, config: SplitConfig, *, check_files: bool = True) -> tuple[Plan, Inputs]:
     """Read the inputs and plan the whole dataset (tasks, splits, keys, shards)."""
     inputs, classes, category_map = read_all(opts)
-    plan = plan_dataset(inputs.clips, classes, category_map, config, inputs.problems, check_files=check_files)
+    plan = plan_dataset(inputs.clips, classes, category_map, config, problems=inputs.problems, check_files=check_files)
     return plan, inputs
 
 
@@ -159,22 +170,22 @@ def make_plan(opts: InputOptions, config: SplitConfig, *, check_files: bool = Tr
 
 @dataclass
 class _Unit:
+    """One shard of the build: what goes in, its fingerprint, and (once done) its record."""
+
     task: TaskPlan
     split: str
-    jobs: list[ClipJob]
     rel: str
     fingerprint: str
+    jobs: list[ClipJob] = field(default_factory=list)
+    """Train and test shards: the clips to transcode, in order."""
+    copies: dict[str, str] = field(default_factory=dict)
+    """Retrieval shards: key -> the test shard it is copied from, in order."""
     record: dict[str, Any] | None = None
     done: bool = False
+    """Finished by an earlier run (same fingerprint): skipped."""
 
 
 def _work(job: ClipJob, params: ClipParams) -> ClipResult:
-    hook = os.environ.get(CRASH_HOOK_ENV)
-    if hook and hook in job.source:
-        os.kill(os.getpid(), signal.SIGSEGV)
-    hang = os.environ.get(HANG_HOOK_ENV)
-    if hang and hang in job.source:
-        time.sleep(10**6)
     return process_clip(job, params)
 
 
@@ -218,21 +229,34 @@ def _load_record(out: Path, rel: str) -> dict[str, Any] | None:
         return None
 
 
-def _save_record(out: Path, rel: str, record: dict[str, Any]) -> None:
-    path = _record_path(out, rel)
+def _save_record(out: Path, unit: _Unit, written: Written, rejects: list[dict[str, Any]]) -> dict[str, Any]:
+    record = {
+        "fingerprint": unit.fingerprint,
+        "num_samples": len(written.keys),
+        "num_bytes": written.num_bytes,
+        "keys": written.keys,
+        "rejects": rejects,
+    }
+    path = _record_path(out, unit.rel)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".partial")
     tmp.write_text(json.dumps(record, sort_keys=True) + "\n")
     os.replace(tmp, path)
+    return record
 
 
-def _is_done(out: Path, rel: str, fingerprint: str) -> tuple[bool, dict[str, Any] | None]:
-    record = _load_record(out, rel)
-    if record is None or record.get("fingerprint") != fingerprint:
-        return False, None
+def _check_done(out: Path, unit: _Unit) -> None:
+    """Mark ``unit`` done (and load its record) when an earlier run finished it with the same fingerprint."""
+    record = _load_record(out, unit.rel)
+    if record is None or record.get("fingerprint") != unit.fingerprint:
+        return
+    tar = out / unit.rel
     if record["num_samples"] == 0:
-        return not (out / rel).exists(), record
-    return shard_complete(out / rel) and (out / rel).stat().st_size == record["num_bytes"], record
+        unit.done = not tar.exists()
+    else:
+        unit.done = shard_complete(tar) and tar.stat().st_size == record["num_bytes"]
+    if unit.done:
+        unit.record = record
 
 
 def _prepare_out(out: Path) -> IO[str]:
@@ -271,7 +295,92 @@ def _reject_record(job: ClipJob, result: ClipResult) -> dict[str, Any]:
     }
 
 
+def build_dataset(
+    plan: Plan,
+    params: ClipParams,
+    out: str | os.PathLike,
+    *,
+    config: SplitConfig,
+    workers: int | None = None,
+    show_progress: bool = True,
+    extra: dict[str, Any] | None = None,
+    clip_timeout: float | None = DEFAULT_CLIP_TIMEOUT,
+) -> BuildReport:
+    """Write ``plan`` into ``out`` (resuming an earlier build there); return what was written and rejected."""
+    started = time.monotonic()
+    out = Path(out)
+    lock = _prepare_out(out)
+    try:
+        (out / "manifest.json").unlink(missing_ok=True)  # a manifest marks a finished build: written last
+        remove_partials(out)
+        units = _clip_units(out, plan, params=params)
+        pending = [job for u in units if not u.done for job in u.jobs]
+        _encode(out, units, pending, params=params, workers=workers, show_progress=show_progress, timeout=clip_timeout)
+        units += _copy_retrieval(out, _retrieval_units(out, plan, units, config=config))
+        _remove_stale(out, units)
+        manifest, rejects = _finish(out, plan, units, params=params, config=config, extra=extra or {})
+    finally:
+        lock.close()
+    return BuildReport(
+        out=out,
+        manifest=manifest,
+        written=sum(manifest["counts"][s] for s in ("train", "test")),
+        rejects=rejects,
+        built_shards=sum(not u.done for u in units),
+        skipped_shards=sum(u.done for u in units),
+        processed=len(pending),
+        seconds=time.monotonic() - started,
+        warnings=list(plan.warnings),
+    )
+
+
+def _clip_units(out: Path, plan: Plan, *, params: ClipParams) -> list[_Unit]:
+    """A unit per train and test shard of the plan, those an earlier run finished marked done."""
+    units = []
+    for task in plan.tasks:
+        for split in ("train", "test"):
+            for number, jobs in enumerate(task.shards[split]):
+                unit = _Unit(task, split, shard_relpath(task.name, split, number), _job_fingerprint(jobs, params))
+                unit.jobs = jobs
+                _check_done(out, unit)
+                units.append(unit)
+    return units
+
+
+def _encode(
+    out: Path,
+    units: list[_Unit],
+    pending: list[ClipJob],
+    *,
+    params: ClipParams,
+    workers: int | None,
+    show_progress: bool,
+    timeout: float | None,
+) -> None:
+    """Transcode ``pending`` (the clips of the units not done) in worker processes and write their shards."""
+    n_workers = default_workers() if workers is None else workers
+    stream = map_isolated(
+        _testing.with_faults(partial(_work, params=params)),
+        pending,
+        workers=min(n_workers, max(1, len(pending))) if n_workers else 0,
+        on_crash=_crashed,
+        timeout=timeout,
+    )
+    results: Iterator[ClipResult] = stream
+    if show_progress and pending:
+        results = progress(stream, total=len(pending), desc=f"clips ({n_workers} workers)", unit="clip")
+    try:
+        for unit in units:
+            if not unit.done:
+                unit.record = _write_unit(out, unit, results)
+        if next(results, None) is not None:
+            raise BuildError("internal: more clip results than planned clips")
+    finally:
+        stream.close()  # stops the workers now if the build fails half-way
+
+
 def _write_unit(out: Path, unit: _Unit, results: Iterator[ClipResult]) -> dict[str, Any]:
+    """Write one train / test shard from the next results; the rejected clips go into its record."""
     rejects: list[dict[str, Any]] = []
 
     def samples() -> Iterator[Sample]:
@@ -284,76 +393,40 @@ def _write_unit(out: Path, unit: _Unit, results: Iterator[ClipResult]) -> dict[s
             else:
                 yield result.sample
 
-    stream = samples()
-    first = next(stream, None)
-    tar = out / unit.rel
-    if first is None:
-        for path in (tar, tar.with_suffix(".idx")):
-            path.unlink(missing_ok=True)
-        keys, num_bytes = [], 0
-    else:
-        written: list[str] = []
-
-        def tracked() -> Iterator[Sample]:
-            for s in itertools.chain([first], stream):
-                written.append(s.key)
-                yield s
-
-        info = write_shard(tar, tracked())
-        keys, num_bytes = written, info.num_bytes
-    record = {
-        "fingerprint": unit.fingerprint,
-        "num_samples": len(keys),
-        "num_bytes": num_bytes,
-        "keys": keys,
-        "rejects": rejects,
-    }
-    _save_record(out, unit.rel, record)
-    return record
+    return _save_record(out, unit, write_samples(out, unit.rel, samples()), rejects)
 
 
-def _retrieval_units(
-    task: TaskPlan, test_units: list[_Unit], per_class: int, shard_size: int
-) -> list[tuple[str, list[str], dict[str, str], str]]:
-    """(rel, keys, key -> test tar, fingerprint) of each retrieval shard of ``task``."""
-    built: dict[str, str] = {}
-    for unit in test_units:
-        assert unit.record is not None
-        built.update({k: unit.rel for k in unit.record["keys"]})
-    chosen: set[str] = set()
-    for keys in task.retrieval_candidates.values():
-        chosen.update([k for k in keys if k in built][:per_class])
-    order = [job.key for shard in task.shards["test"] for job in shard if job.key in chosen]
-    base = [u.fingerprint for u in test_units]
-    units = []
-    for k in range(0, len(order), shard_size):
-        keys = order[k : k + shard_size]
-        rel = shard_relpath(task.name, "retrieval", k // shard_size)
-        units.append((rel, keys, {key: built[key] for key in keys}, _fingerprint({"test": base, "keys": keys})))
+def _retrieval_units(out: Path, plan: Plan, units: list[_Unit], *, config: SplitConfig) -> list[_Unit]:
+    """A unit per retrieval shard: per class, the first ``retrieval_per_class`` candidates that were built."""
+    retrieval = []
+    for task in plan.tasks:
+        test_units = [u for u in units if u.task is task and u.split == "test"]
+        built = {key: u.rel for u in test_units if u.record is not None for key in u.record["keys"]}
+        chosen: set[str] = set()
+        for keys in task.retrieval_candidates.values():
+            chosen.update([k for k in keys if k in built][: config.retrieval_per_class])
+        test_keys = [job.key for shard in task.shards["test"] for job in shard]
+        base = [u.fingerprint for u in test_units]
+        for rel, keys in retrieval_layout(task.name, test_keys, chosen, shard_size=config.shard_size):
+            unit = _Unit(task, "retrieval", rel, _fingerprint({"test": base, "keys": keys}))
+            unit.copies = {key: built[key] for key in keys}
+            _check_done(out, unit)
+            retrieval.append(unit)
+    return retrieval
+
+
+def _copy_retrieval(out: Path, units: list[_Unit]) -> list[_Unit]:
+    for unit in units:
+        if not unit.done:
+            written = copy_retrieval(out, unit.rel, list(unit.copies), unit.copies)
+            unit.record = _save_record(out, unit, written, [])
     return units
 
 
-def _retrieval_samples(out: Path, keys: list[str], where: dict[str, str]) -> list[Sample]:
-    wanted = set(keys)
-    found: dict[str, Sample] = {}
-    for rel in dict.fromkeys(where[k] for k in keys):
-        for sample in iter_shard(out / rel):
-            if sample.key in wanted:
-                meta = json.loads(sample.members["json"])
-                meta["split"] = "retrieval"
-                found[sample.key] = Sample(
-                    sample.key, {**sample.members, "json": json.dumps(meta, sort_keys=True).encode()}
-                )
-    missing = wanted - found.keys()
-    if missing:
-        raise BuildError(
-            f"internal: test shards lack retrieval samples {sorted(missing)[:3]}; delete {out} and rebuild"
-        )
-    return [found[k] for k in keys]
-
-
-def _remove_stale(out: Path, keep_tars: set[str], keep_records: set[str]) -> list[str]:
+def _remove_stale(out: Path, units: list[_Unit]) -> list[str]:
     """Delete shards and records a previous build left that this plan does not have; return their paths."""
+    keep_records = {u.rel for u in units}
+    keep_tars = {u.rel for u in units if u.record is not None and u.record["num_samples"]}
     removed = []
     for record in sorted((out / STATE_DIR).rglob("shard-*.json")):
         rel = record.relative_to(out / STATE_DIR).as_posix()[: -len(".json")] + ".tar"
@@ -374,124 +447,36 @@ def _remove_stale(out: Path, keep_tars: set[str], keep_records: set[str]) -> lis
     return removed
 
 
-def build_dataset(
-    plan: Plan,
-    params: ClipParams,
-    out: str | os.PathLike,
-    *,
-    config: SplitConfig,
-    workers: int | None = None,
-    show_progress: bool = True,
-    extra: dict[str, Any] | None = None,
-    clip_timeout: float | None = DEFAULT_CLIP_TIMEOUT,
-) -> BuildReport:
-    """Write ``plan`` into ``out`` (resuming an earlier build there); return what was written and rejected."""
-    started = time.monotonic()
-    out = Path(out)
-    lock = _prepare_out(out)
-    try:
-        return _build(plan, params, out, config, workers, show_progress, extra or {}, started, clip_timeout)
-    finally:
-        lock.close()
-
-
-def _build(
-    plan: Plan,
-    params: ClipParams,
-    out: Path,
-    config: SplitConfig,
-    workers: int | None,
-    show_progress: bool,
-    extra: dict[str, Any],
-    started: float,
-    clip_timeout: float | None,
-) -> BuildReport:
-    (out / "manifest.json").unlink(missing_ok=True)  # a manifest marks a finished build: written last
-    remove_partials(out)
-    units: list[_Unit] = []
-    for task in plan.tasks:
-        for split in ("train", "test"):
-            for number, jobs in enumerate(task.shards[split]):
-                rel = shard_relpath(task.name, split, number)
-                unit = _Unit(task, split, jobs, rel, _job_fingerprint(jobs, params))
-                unit.done, unit.record = _is_done(out, rel, unit.fingerprint)
-                units.append(unit)
-    pending = [job for u in units if not u.done for job in u.jobs]
-    n_workers = default_workers() if workers is None else workers
-    stream = map_isolated(
-        partial(_work, params=params),
-        pending,
-        workers=min(n_workers, max(1, len(pending))) if n_workers else 0,
-        on_crash=_crashed,
-        timeout=clip_timeout,
-    )
-    results: Iterator[ClipResult] = stream
-    if show_progress and pending:
-        from fastav.log import progress
-
-        results = progress(stream, total=len(pending), desc=f"clips ({n_workers} workers)", unit="clip")
-    built = 0
-    try:
-        for unit in units:
-            if not unit.done:
-                unit.record = _write_unit(out, unit, results)
-                built += 1
-        if next(results, None) is not None:
-            raise BuildError("internal: more clip results than planned clips")
-    finally:
-        stream.close()  # stops the workers now if the build fails half-way
-
-    entries: dict[tuple[str, str], list[dict[str, Any]]] = {}
-    keep_tars: set[str] = set()
-    keep_records: set[str] = set()
+def _finish(
+    out: Path, plan: Plan, units: list[_Unit], *, params: ClipParams, config: SplitConfig, extra: dict[str, Any]
+) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """Write ``rejects.jsonl`` and the manifest; return the manifest and every reject."""
+    entries: dict[tuple[str, str], list[dict[str, Any]]] = defaultdict(list)
     rejects = list(plan.rejects)
     for unit in units:
         assert unit.record is not None
-        keep_records.add(unit.rel)
         rejects.extend(unit.record["rejects"])
         if unit.record["num_samples"]:
-            keep_tars.add(unit.rel)
-            entries.setdefault((unit.task.name, unit.split), []).append(_entry(unit.rel, unit.record))
-    skipped = sum(u.done for u in units)
-    for task in plan.tasks:
-        test_units = [u for u in units if u.task is task and u.split == "test"]
-        for rel, keys, where, fingerprint in _retrieval_units(
-            task, test_units, config.retrieval_per_class, config.shard_size
-        ):
-            done, record = _is_done(out, rel, fingerprint)
-            if not done:
-                info = write_shard(out / rel, _retrieval_samples(out, keys, where))
-                record = {
-                    "fingerprint": fingerprint,
-                    "num_samples": info.num_samples,
-                    "num_bytes": info.num_bytes,
-                    "keys": keys,
-                    "rejects": [],
-                }
-                _save_record(out, rel, record)
-                built += 1
-            else:
-                skipped += 1
-            assert record is not None
-            keep_tars.add(rel)
-            keep_records.add(rel)
-            entries.setdefault((task.name, "retrieval"), []).append(_entry(rel, record))
-    _remove_stale(out, keep_tars, keep_records)
-
-    manifest_tasks = []
-    for task in plan.tasks:
-        splits = {}
-        for split in SPLITS:
-            shards = entries.get((task.name, split), [])
-            splits[split] = {"shards": shards, "num_samples": sum(s["num_samples"] for s in shards)}
-        manifest_tasks.append({"name": task.name, "category": task.category, "classes": task.classes, "splits": splits})
-    written = sum(t["splits"][s]["num_samples"] for t in manifest_tasks for s in ("train", "test"))
-    manifest = make_manifest(
+            record = unit.record
+            entry = shard_entry(unit.rel, num_samples=record["num_samples"], num_bytes=record["num_bytes"])
+            entries[(unit.task.name, unit.split)].append(entry)
+    tasks = [
+        task_entry(
+            name=task.name,
+            category=task.category,
+            classes=task.classes,
+            shards={split: entries[(task.name, split)] for split in SPLITS},
+        )
+        for task in plan.tasks
+    ]
+    written = sum(t["splits"][s]["num_samples"] for t in tasks for s in ("train", "test"))
+    manifest = finish_dataset(
+        out,
         preprocessing=params.preprocessing(),
         classes=plan.classes,
         categories=plan.categories,
-        tasks=manifest_tasks,
-        rejects=len(rejects),
+        tasks=tasks,
+        rejects=rejects,
         builder=BUILDER,
         extra={
             **extra,
@@ -503,31 +488,4 @@ def _build(
             "warnings": plan.warnings,
         },
     )
-    _write_jsonl(out / "rejects.jsonl", rejects)
-    write_manifest(out, manifest)
-    return BuildReport(
-        out=out,
-        manifest=manifest,
-        written=written,
-        rejects=rejects,
-        built_shards=built,
-        skipped_shards=skipped,
-        processed=len(pending),
-        seconds=time.monotonic() - started,
-        warnings=list(plan.warnings),
-    )
-
-
-def _entry(rel: str, record: dict[str, Any]) -> dict[str, Any]:
-    return {
-        "path": rel,
-        "index": rel[: -len(".tar")] + ".idx",
-        "num_samples": record["num_samples"],
-        "num_bytes": record["num_bytes"],
-    }
-
-
-def _write_jsonl(path: Path, records: list[dict[str, Any]]) -> None:
-    tmp = path.with_name(path.name + ".partial")
-    tmp.write_text("".join(json.dumps(r, sort_keys=True) + "\n" for r in records))
-    os.replace(tmp, path)
+    return manifest, rejects

@@ -11,10 +11,24 @@ category -> classes map, the tasks in training order (each with its classes and,
 shards and sample counts), the number of rejected inputs and the builder's version. Readers call
 :func:`load_manifest` with the parameter values they support; anything else is refused with a message
 naming the field.
+
+Each task entry is ``{"name", "category", "role", "classes", "splits"}``. ``role`` says what the task is for:
+
+- ``"continual"``: one task of the continual sequence, trained in manifest order;
+- ``"pretrain"``: data for pre-training before the sequence starts (``synth
+  --pretrain-classes-per-category``): classes no continual task has, drawn from every category, so that
+  pre-training sees every kind of clip the sequence will (as AudioSet-20k before VGGSound). A pretrain task
+  comes after every continual task, and its classes after theirs in the class list, so the continual
+  tasks and class ids are the same with or without it.
+
+A task without ``role`` (manifests written before the field existed) is continual: read it through
+:func:`task_role`, and pick tasks with :func:`task_names`.
 """
 
 from __future__ import annotations
 
+import functools
+import importlib.metadata
 import json
 import os
 from collections.abc import Mapping
@@ -24,6 +38,12 @@ from typing import Any
 FORMAT = "fastav-shards"
 FORMAT_VERSION = 1
 SPLITS = ("train", "test", "retrieval")
+CONTINUAL, PRETRAIN = "continual", "pretrain"
+TASK_ROLES = (CONTINUAL, PRETRAIN)
+DISTRIBUTION = "fastav"
+"""The installed distribution whose version is recorded as ``builder_version``."""
+UNKNOWN_VERSION = "unknown"
+"""``builder_version`` when the shard tools run from a checkout that is not installed."""
 PREPROCESSING_KEYS = {
     "video_codec": str,
     "fps": int,
@@ -45,6 +65,27 @@ def shard_relpath(task: str, split: str, index: int) -> str:
     return f"{task}/{split}/shard-{index:06d}.tar"
 
 
+@functools.cache
+def builder_version() -> str:
+    """The version of the installed ``fastav`` distribution (read from its metadata, not by importing it)."""
+    try:
+        return importlib.metadata.version(DISTRIBUTION)
+    except importlib.metadata.PackageNotFoundError:
+        return UNKNOWN_VERSION
+
+
+def task_role(task: Mapping[str, Any]) -> str:
+    """A task entry's role; entries without one (older manifests) are continual."""
+    return task.get("role", CONTINUAL)
+
+
+def task_names(manifest: Mapping[str, Any], role: str = CONTINUAL) -> list[str]:
+    """The names of the tasks with ``role``, in manifest order (for :func:`shard_paths`' ``tasks``)."""
+    if role not in TASK_ROLES:
+        raise ManifestError(f"task role {role!r}: choose one of {', '.join(TASK_ROLES)}")
+    return [t["name"] for t in manifest["tasks"] if task_role(t) == role]
+
+
 def make_manifest(
     *,
     preprocessing: Mapping[str, Any],
@@ -55,15 +96,13 @@ def make_manifest(
     builder: str,
     extra: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """Assemble a manifest; ``tasks`` items hold name, category, classes and per-split shard entries."""
-    from fastav import __version__
-
+    """Assemble a manifest; ``tasks`` items hold name, category, role, classes and per-split shard entries."""
     counts = {split: sum(t["splits"][split]["num_samples"] for t in tasks) for split in SPLITS}
     manifest = {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
         "builder": builder,
-        "builder_version": __version__,
+        "builder_version": builder_version(),
         "preprocessing": dict(preprocessing),
         "classes": list(classes),
         "categories": {k: list(v) for k, v in categories.items()},
@@ -133,6 +172,8 @@ def _check_structure(manifest: Any, where: str) -> None:
         for key in ("name", "classes", "splits"):
             if key not in task:
                 raise ManifestError(f"{where}: field 'tasks[{i}].{key}' is missing")
+        if task_role(task) not in TASK_ROLES:
+            raise ManifestError(f"{where}: 'tasks[{i}].role' is {task['role']!r}; expected one of {TASK_ROLES}")
         unknown = set(task["classes"]) - classes
         if unknown:
             raise ManifestError(f"{where}: 'tasks[{i}].classes' names unknown classes {sorted(unknown)}")
@@ -169,7 +210,7 @@ def summary(manifest: Mapping[str, Any]) -> str:
         f"video {pre['video_codec']} {pre['frame_size']}px {pre['fps']} fps (keyframe every "
         f"{pre['keyframe_interval']}), audio {pre['audio_format']} {pre['sample_rate']} Hz mono",
         f"{len(manifest['classes'])} classes in {len(manifest['categories'])} categories, "
-        f"{len(manifest['tasks'])} tasks, {manifest['rejects']} rejected inputs",
+        f"{_task_count(manifest)}, {manifest['rejects']} rejected inputs",
         "",
         f"{'task':<18} {'classes':>7} {'train':>7} {'test':>7} {'retrieval':>9} {'shards':>7}",
     ]
@@ -183,3 +224,9 @@ def summary(manifest: Mapping[str, Any]) -> str:
     c = manifest["counts"]
     lines.append(f"{'total':<18} {len(manifest['classes']):>7} {c['train']:>7} {c['test']:>7} {c['retrieval']:>9}")
     return "\n".join(lines)
+
+
+def _task_count(manifest: Mapping[str, Any]) -> str:
+    pretrain = len(task_names(manifest, PRETRAIN))
+    text = f"{len(manifest['tasks'])} tasks"
+    return f"{text} ({pretrain} for pre-training)" if pretrain else text

@@ -3,7 +3,8 @@
 A preset fixes the task order, the classes per task, the per-class cap, the multi-category rule and the
 retrieval size; the user supplies the class -> category file (and the class index whose order "first 20 in
 label-file order" refers to). Category names are matched case-insensitively, ignoring '_'/'-'/spaces and a
-plural 's' (``animal`` matches ``animals``). Source: ``../shared/reference/stella.md`` §5.
+plural 's' (``animal`` matches ``animals``). Source: the continual-learning task splits of the STELLA
+paper (Lee et al., ICML 2024) and its released code.
 """
 
 from __future__ import annotations

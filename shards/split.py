@@ -31,10 +31,11 @@ from __future__ import annotations
 
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
+from shards.rejects import code_counts
 from shards.sources import InputProblem, SourceClip, sample_key
 from shards.transcode import ClipJob, ClipRejected, check_file
 
@@ -129,7 +130,8 @@ class Plan:
             retrieval = sum(min(retrieval_per_class, len(v)) for v in t.retrieval_candidates.values())
             shards = len(t.shards["train"]) + len(t.shards["test"])
             lines.append(f"{t.name:<18} {len(t.classes):>7} {n['train']:>7} {n['test']:>7} {retrieval:>11} {shards:>7}")
-        lines.append(f"rejected while planning: {len(self.rejects)}")
+        counts = f" ({code_counts(self.rejects)})" if self.rejects else ""
+        lines.append(f"rejected while planning: {len(self.rejects)}{counts}")
         if self.excluded:
             lines.append("excluded: " + ", ".join(f"{k} {v}" for k, v in sorted(self.excluded.items())))
         lines += [f"warning: {w}" for w in self.warnings]
@@ -211,101 +213,152 @@ def plan_dataset(
     classes: list[str],
     class_category: dict[str, str] | None,
     config: SplitConfig,
+    *,
     problems: list[InputProblem] | None = None,
     check_files: bool = True,
 ) -> Plan:
     """Decide tasks, splits, caps, keys, indices and shards for ``clips`` (see the module docstring)."""
     resolved = resolve_tasks(classes, class_category, config.tasks, config.classes_per_task)
-    by_norm = {_norm(c): c for c in classes}
-    category_of: dict[str, str] = {}
-    unmatched: list[str] = []
-    for c, cat in (class_category or {}).items():
-        if _norm(c) in by_norm:
-            category_of[by_norm[_norm(c)]] = cat
-        else:
-            unmatched.append(c)
-    task_of = {cls: i for i, (_, members) in enumerate(resolved) for cls in members}
-    selected = [cls for _, members in resolved for cls in members]
-    label_id = {cls: i for i, cls in enumerate(selected)}
-    plan = Plan(
-        tasks=[],
-        classes=selected,
-        categories={},
-        class_category={c: category_of.get(c, "all") for c in selected},
-    )
-    for cls in selected:
+    names = _ClassNames.make(classes, class_category, resolved)
+    plan = Plan(tasks=[], classes=names.selected, categories={}, class_category=names.class_category)
+    for cls in names.selected:
         plan.categories.setdefault(plan.class_category[cls], []).append(cls)
-    excluded: Counter[str] = Counter()
-    unknown_examples: list[str] = []
-    if unmatched:
+    if names.unmatched:
         plan.warnings.append(
-            f"{len(unmatched)} classes of the category file are not in the class list (ignored): {unmatched[:5]}"
+            f"{len(names.unmatched)} classes of the category file are not in the class list (ignored): "
+            f"{names.unmatched[:5]}"
         )
-    for p in problems or []:
-        plan.rejects.append({"source": p.source, "reason": p.reason, "code": p.code})
+    plan.rejects += [{"source": p.source, "reason": p.reason, "code": p.code} for p in problems or []]
+    excluded: Counter[str] = Counter()
+    kept = _select_clips(clips, names, config=config, excluded=excluded, warnings=plan.warnings)  # rules 2-4
+    if check_files:
+        kept = _present_clips(kept, rejects=plan.rejects)  # rule 5
+    keys = _unique_keys([k.clip for k in kept])
+    split_of = _assign_splits(kept, names, config=config, excluded=excluded)  # rules 6-7
+    plan.tasks = _task_plans(kept, keys, split_of, resolved, names=names, config=config, warnings=plan.warnings)
+    plan.excluded = dict(sorted(excluded.items()))
+    task_names = [t.name for t in plan.tasks]
+    if len(set(task_names)) != len(task_names):
+        raise SplitError(f"task names repeat: {task_names}")
+    return plan
 
-    # 2-4: duplicates, labels, multi-category
+
+@dataclass(frozen=True)
+class _ClassNames:
+    """How labels map to classes, categories and tasks."""
+
+    by_norm: dict[str, str]
+    """Normalised name -> class of the class list."""
+    category_of: dict[str, str]
+    """Class -> category, for the classes of the category file that are in the class list."""
+    unmatched: list[str]
+    """Classes of the category file that are not in the class list."""
+    task_of: dict[str, int]
+    """Selected class -> index of its task."""
+    label_id: dict[str, int]
+    """Selected class -> its label (position in ``selected``)."""
+
+    @classmethod
+    def make(
+        cls, classes: list[str], class_category: dict[str, str] | None, resolved: list[tuple[TaskSpec, list[str]]]
+    ) -> _ClassNames:
+        by_norm = {_norm(c): c for c in classes}
+        category_of: dict[str, str] = {}
+        unmatched: list[str] = []
+        for c, cat in (class_category or {}).items():
+            if _norm(c) in by_norm:
+                category_of[by_norm[_norm(c)]] = cat
+            else:
+                unmatched.append(c)
+        task_of = {c: i for i, (_, members) in enumerate(resolved) for c in members}
+        selected = [c for _, members in resolved for c in members]
+        label_id = {c: i for i, c in enumerate(selected)}
+        return cls(by_norm, category_of, unmatched, task_of, label_id)
+
+    @property
+    def selected(self) -> list[str]:
+        return list(self.label_id)
+
+    @property
+    def class_category(self) -> dict[str, str]:
+        return {c: self.category_of.get(c, "all") for c in self.label_id}
+
+
+class _Kept(NamedTuple):
+    clip: SourceClip
+    labels: list[str]
+    """Its labels that are selected classes, in the input's order; the first is its primary class."""
+    task: int
+
+
+def _select_clips(
+    clips: list[SourceClip], names: _ClassNames, *, config: SplitConfig, excluded: Counter[str], warnings: list[str]
+) -> list[_Kept]:
+    """Rules 2-4: drop duplicates, clips without a known label, multi-category ones (if asked), clips in no task."""
     seen: set[tuple[str, float, str | None]] = set()
-    kept: list[tuple[SourceClip, list[str], int]] = []  # clip, selected labels, task index
+    kept: list[_Kept] = []
+    unknown_examples: list[str] = []
     for clip in clips:
         ident = (clip.path, clip.start, clip.audio_path)
         if ident in seen:
             excluded["duplicate"] += 1
             continue
         seen.add(ident)
-        labels = [by_norm[_norm(x)] for x in clip.labels if _norm(x) in by_norm]
+        labels = [names.by_norm[_norm(x)] for x in clip.labels if _norm(x) in names.by_norm]
         if not labels:
             excluded["unknown_class"] += 1
             if len(unknown_examples) < 3:
                 unknown_examples.append(f"{clip.origin or clip.source}: {', '.join(clip.labels) or '(no labels)'}")
             continue
         groups = {
-            ("task", task_of[x]) if x in task_of else ("category", category_of[x])
+            ("task", names.task_of[x]) if x in names.task_of else ("category", names.category_of[x])
             for x in labels
-            if x in task_of or x in category_of
+            if x in names.task_of or x in names.category_of
         }
         if config.exclude_multi_category and len(groups) > 1:
             excluded["multi_category"] += 1
             continue
-        chosen = [x for x in labels if x in task_of]
+        chosen = [x for x in labels if x in names.task_of]
         if not chosen:
             excluded["not_in_tasks"] += 1
             continue
-        kept.append((clip, list(dict.fromkeys(chosen)), task_of[chosen[0]]))
+        kept.append(_Kept(clip, list(dict.fromkeys(chosen)), names.task_of[chosen[0]]))
     if unknown_examples:
-        plan.warnings.append(
+        warnings.append(
             f"{excluded['unknown_class']} clips have no label in the class list, e.g. {'; '.join(unknown_examples)}"
         )
+    return kept
 
-    # 5: files that are not there
-    if check_files:
-        present = []
-        for item in kept:
-            clip = item[0]
-            try:
-                check_file(clip.path)
-                if clip.audio_path is not None:
-                    check_file(clip.audio_path)
-            except ClipRejected as rej:
-                plan.rejects.append(_reject_record(clip, rej.code, rej.reason))
-                continue
-            present.append(item)
-        kept = present
 
-    # keys: unique over the dataset
-    keys = _unique_keys([clip for clip, _, _ in kept])
+def _present_clips(kept: list[_Kept], *, rejects: list[dict[str, Any]]) -> list[_Kept]:
+    """Rule 5: the clips whose files exist and are not empty; the others become rejects."""
+    present = []
+    for item in kept:
+        try:
+            check_file(item.clip.path)
+            if item.clip.audio_path is not None:
+                check_file(item.clip.audio_path)
+        except ClipRejected as rej:
+            rejects.append(_reject_record(item.clip, rej.code, rej.reason))
+            continue
+        present.append(item)
+    return present
 
-    # 6: test split where the input has none; 7: cap
+
+def _assign_splits(
+    kept: list[_Kept], names: _ClassNames, *, config: SplitConfig, excluded: Counter[str]
+) -> dict[int, str]:
+    """Rules 6-7: 'train', 'test' or 'over_cap' for each kept clip (by position), class by class."""
     by_class: dict[str, list[int]] = defaultdict(list)
-    for i, (_, labels, _) in enumerate(kept):
-        by_class[labels[0]].append(i)
+    for i, item in enumerate(kept):
+        by_class[item.labels[0]].append(i)
     split_of: dict[int, str] = {}
     for cls, members in by_class.items():
-        ci = label_id[cls]
-        unsplit = [i for i in members if kept[i][0].split is None]
+        ci = names.label_id[cls]
+        unsplit = [i for i in members if kept[i].clip.split is None]
         for i in members:
-            if kept[i][0].split is not None:
-                split_of[i] = kept[i][0].split  # type: ignore[assignment]
+            if kept[i].clip.split is not None:
+                split_of[i] = kept[i].clip.split  # type: ignore[assignment]
         if unsplit:
             order = np.random.default_rng([config.seed, ci, _SEED_TEST]).permutation(len(unsplit))
             n_test = int(round(len(unsplit) * config.test_fraction))
@@ -320,66 +373,83 @@ def plan_dataset(
                 for j in order[config.cap_per_class :]:
                     split_of[train[j]] = "over_cap"
                 excluded["over_cap"] += len(train) - config.cap_per_class
+    return split_of
 
-    # 8: order, indices, shards; 9: retrieval candidates
+
+def _task_plans(
+    kept: list[_Kept],
+    keys: list[str],
+    split_of: dict[int, str],
+    resolved: list[tuple[TaskSpec, list[str]]],
+    *,
+    names: _ClassNames,
+    config: SplitConfig,
+    warnings: list[str],
+) -> list[TaskPlan]:
+    """Rules 8-9 for every task: order, sample indices (counted over the tasks in order), shards, retrieval."""
     by_task: dict[int, list[int]] = defaultdict(list)
-    for i, (_, _, ti) in enumerate(kept):
-        by_task[ti].append(i)
+    for i, item in enumerate(kept):
+        by_task[item.task].append(i)
+    tasks = []
     index = 0
     for ti, (spec, members) in enumerate(resolved):
         in_task = by_task[ti]
         train = [i for i in in_task if split_of[i] == "train"]
         test = [i for i in in_task if split_of[i] == "test"]
         train = [train[j] for j in np.random.default_rng([config.seed, ti, _SEED_ORDER]).permutation(len(train))]
-        test.sort(key=lambda i: (label_id[kept[i][1][0]], keys[i]))
+        test.sort(key=lambda i: (names.label_id[kept[i].labels[0]], keys[i]))
         jobs: dict[str, list[ClipJob]] = {}
-        for split, idx in (("train", train), ("test", test)):
-            jobs[split] = []
-            for i in idx:
-                clip, labels, _ = kept[i]
-                jobs[split].append(
-                    ClipJob(
-                        key=keys[i],
-                        index=index,
-                        source=clip.source,
-                        path=clip.path,
-                        start=clip.start,
-                        labels=tuple(label_id[x] for x in labels),
-                        label_names=tuple(labels),
-                        category=plan.class_category[labels[0]],
-                        task=spec.name,
-                        split=split,
-                        audio_path=clip.audio_path,
-                    )
-                )
-                index += 1
-        test_of: dict[str, list[str]] = defaultdict(list)
-        for job in jobs["test"]:
-            test_of[job.label_names[0]].append(job.key)
-        candidates: dict[str, list[str]] = {}
-        for cls in members:
-            cls_test = test_of[cls]
-            order = np.random.default_rng([config.seed, label_id[cls], _SEED_RETRIEVAL]).permutation(len(cls_test))
-            candidates[cls] = [cls_test[j] for j in order]
-        size = config.shard_size
-        plan.tasks.append(
-            TaskPlan(
-                name=spec.name,
-                category="+".join(dict.fromkeys(plan.class_category[c] for c in members)),
-                classes=members,
-                shards={s: [js[k : k + size] for k in range(0, len(js), size)] for s, js in jobs.items()},
-                retrieval_candidates=candidates,
-            )
-        )
+        for split, positions in (("train", train), ("test", test)):
+            jobs[split] = [
+                _job(kept[i], keys[i], index + n, task=spec.name, split=split, names=names)
+                for n, i in enumerate(positions)
+            ]
+            index += len(positions)
+        tasks.append(_task_plan(spec.name, members, jobs, names=names, config=config))
         present = {j.label_names[0] for js in jobs.values() for j in js}
         empty = [c for c in members if c not in present]
         if empty:
-            plan.warnings.append(f"task {spec.name!r}: {len(empty)} classes have no clips: {', '.join(empty[:5])}")
-    plan.excluded = dict(sorted(excluded.items()))
-    names = [t.name for t in plan.tasks]
-    if len(set(names)) != len(names):
-        raise SplitError(f"task names repeat: {names}")
-    return plan
+            warnings.append(f"task {spec.name!r}: {len(empty)} classes have no clips: {', '.join(empty[:5])}")
+    return tasks
+
+
+def _job(item: _Kept, key: str, index: int, *, task: str, split: str, names: _ClassNames) -> ClipJob:
+    clip, labels = item.clip, item.labels
+    return ClipJob(
+        key=key,
+        index=index,
+        source=clip.source,
+        path=clip.path,
+        start=clip.start,
+        labels=tuple(names.label_id[x] for x in labels),
+        label_names=tuple(labels),
+        category=names.category_of.get(labels[0], "all"),
+        task=task,
+        split=split,
+        audio_path=clip.audio_path,
+    )
+
+
+def _task_plan(
+    name: str, members: list[str], jobs: dict[str, list[ClipJob]], *, names: _ClassNames, config: SplitConfig
+) -> TaskPlan:
+    """A task's shards and, per class, its test keys in the seeded order retrieval clips are taken from."""
+    test_of: dict[str, list[str]] = defaultdict(list)
+    for job in jobs["test"]:
+        test_of[job.label_names[0]].append(job.key)
+    candidates: dict[str, list[str]] = {}
+    for cls in members:
+        cls_test = test_of[cls]
+        order = np.random.default_rng([config.seed, names.label_id[cls], _SEED_RETRIEVAL]).permutation(len(cls_test))
+        candidates[cls] = [cls_test[j] for j in order]
+    size = config.shard_size
+    return TaskPlan(
+        name=name,
+        category="+".join(dict.fromkeys(names.category_of.get(c, "all") for c in members)),
+        classes=members,
+        shards={s: [js[k : k + size] for k in range(0, len(js), size)] for s, js in jobs.items()},
+        retrieval_candidates=candidates,
+    )
 
 
 def _reject_record(clip: SourceClip, code: str, reason: str) -> dict[str, Any]:

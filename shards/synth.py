@@ -11,9 +11,16 @@ Categories differ in their whole region of feature space (audio pitch band and t
 style and hue range), so that a model trained on a later category drifts away from an earlier one: one
 category is one continual-learning task.
 
+With ``pretrain_classes_per_category`` K > 0, every category also gets K classes of its own region that no
+continual task has (pitches, hues and shapes between those of the continual classes), and all of them form one
+more task, ``pretrain``, written last with ``"role": "pretrain"``: data to pre-train on before the continual
+sequence, covering every kind of clip the sequence holds (as AudioSet-20k before VGGSound). Their class ids
+come after the continual ones, and a clip depends only on (seed, class id, clip), so the continual tasks are the
+same bytes with or without them.
+
 Generation is deterministic for a seed (the same bytes for the same arguments, whatever the number of
 workers): every clip draws from its own RNG seeded by (seed, class, clip), and shards are written in a
-fixed order.
+fixed order. The shards, retrieval copies and manifest are written by :mod:`shards.dataset`, as ``build``'s are.
 """
 
 from __future__ import annotations
@@ -24,16 +31,21 @@ import math
 import os
 import shutil
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from shards.manifest import SPLITS, load_manifest, make_manifest, shard_relpath, write_manifest
+from shards.dataset import copy_retrieval, finish_dataset, retrieval_layout, task_entry, write_samples
+from shards.manifest import CONTINUAL, PRETRAIN, SPLITS, builder_version, load_manifest, shard_relpath
 from shards.media import VideoEncoding, encode_audio, encode_video
+from shards.progress import progress
 from shards.workers import map_isolated
-from shards.writer import Sample, write_shard
+from shards.writer import Sample
+
+BUILDER = "shards synth"
+PRETRAIN_TASK = "pretrain"
 
 CATEGORY_NAMES = ("pulses", "chimes", "buzzes", "whistles", "drones", "clicks", "hums", "sirens")
 SHAPES = ("circle", "square", "triangle", "ring", "cross", "diamond")
@@ -49,6 +61,8 @@ class SynthSpec:
 
     categories: int = 3
     classes_per_category: int = 4
+    pretrain_classes_per_category: int = 0
+    """K > 0: K more classes per category, none in a continual task, all in the last task 'pretrain'."""
     clips_per_class: int = 24
     seed: int = 0
     size: int = 96
@@ -66,6 +80,7 @@ class SynthSpec:
         checks = {
             "categories": self.categories >= 1,
             "classes_per_category": self.classes_per_category >= 1,
+            "pretrain_classes_per_category": self.pretrain_classes_per_category >= 0,
             "clips_per_class": self.clips_per_class >= 2,
             "size": self.size >= 16 and self.size % 2 == 0,
             "fps": self.fps >= 1,
@@ -88,8 +103,13 @@ class SynthSpec:
             )
 
     @property
-    def num_classes(self) -> int:
+    def num_continual_classes(self) -> int:
         return self.categories * self.classes_per_category
+
+    @property
+    def num_classes(self) -> int:
+        """Every class of the dataset: the continual ones, then the pre-training ones."""
+        return self.categories * (self.classes_per_category + self.pretrain_classes_per_category)
 
     @property
     def num_test(self) -> int:
@@ -117,6 +137,8 @@ class ClassSignature:
     timbre: str
     rhythm: float
     decay: float
+    role: str = CONTINUAL
+    """'continual' (a class of its category's task) or 'pretrain' (a class of the task 'pretrain')."""
 
 
 def category_name(c: int) -> str:
@@ -124,32 +146,49 @@ def category_name(c: int) -> str:
 
 
 def class_signatures(spec: SynthSpec) -> list[ClassSignature]:
-    """Deterministic per-class signatures; categories occupy separate pitch bands, timbres, hues, backgrounds."""
+    """Per-class signatures by class id: the continual classes of every category, then the pre-training ones.
+
+    Categories occupy separate pitch bands, timbres, hue ranges and backgrounds; within a category, the
+    continual classes spread over the band and the hue range, and its pre-training classes sit between them.
+    """
+    n_cat, n_cls, n_pre = spec.categories, spec.classes_per_category, spec.pretrain_classes_per_category
     sigs = []
-    n_cat, n_cls = spec.categories, spec.classes_per_category
     for c in range(n_cat):
-        band_lo = 160.0 * (18.0 ** (c / max(n_cat, 2)))  # log-spaced pitch bands from 160 Hz upwards
-        band_hi = 160.0 * (18.0 ** ((c + 0.8) / max(n_cat, 2)))
         for k in range(n_cls):
+            where = {"pitch_at": k / max(n_cls - 1, 1), "hue_at": 0.8 * k / (n_cat * n_cls)}
             class_id = c * n_cls + k
-            shape = SHAPES[(k + 2 * c) % len(SHAPES)]
-            pitch = band_lo * (band_hi / band_lo) ** (k / max(n_cls - 1, 1))
-            sigs.append(
-                ClassSignature(
-                    class_id=class_id,
-                    name=f"{category_name(c)}_{k:02d}_{shape}",
-                    category=category_name(c),
-                    shape=shape,
-                    hue=(c / n_cat + 0.8 * k / (n_cat * n_cls)) % 1.0,
-                    motion=MOTIONS[(2 * k + c) % len(MOTIONS)],
-                    background=BACKGROUNDS[c % len(BACKGROUNDS)],
-                    pitch=pitch,
-                    timbre=TIMBRES[c % len(TIMBRES)],
-                    rhythm=RHYTHMS[(k + c) % len(RHYTHMS)],
-                    decay=0.08 if (k + c) % 2 == 0 else 0.3,
-                )
-            )
+            sigs.append(_signature(c, k, n_cat=n_cat, class_id=class_id, name=f"{k:02d}", role=CONTINUAL, **where))
+    for c in range(n_cat):
+        for j in range(n_pre):
+            where = {"pitch_at": (j + 0.5) / n_pre, "hue_at": 0.8 * (j + 0.5) / (n_cat * n_pre)}
+            class_id = n_cat * n_cls + c * n_pre + j
+            name = f"pre{j:02d}"
+            sigs.append(_signature(c, n_cls + j, n_cat=n_cat, class_id=class_id, name=name, role=PRETRAIN, **where))
     return sigs
+
+
+def _signature(
+    c: int, k: int, *, n_cat: int, class_id: int, name: str, role: str, pitch_at: float, hue_at: float
+) -> ClassSignature:
+    """Class ``k`` of category ``c``: ``pitch_at`` in [0, 1] places its pitch in the category's band, ``hue_at``
+    its hue after the category's first hue; shape, motion, rhythm and decay cycle with ``k``."""
+    band_lo = 160.0 * (18.0 ** (c / max(n_cat, 2)))  # log-spaced pitch bands from 160 Hz upwards
+    band_hi = 160.0 * (18.0 ** ((c + 0.8) / max(n_cat, 2)))
+    shape = SHAPES[(k + 2 * c) % len(SHAPES)]
+    return ClassSignature(
+        class_id=class_id,
+        name=f"{category_name(c)}_{name}_{shape}",
+        category=category_name(c),
+        shape=shape,
+        hue=(c / n_cat + hue_at) % 1.0,
+        motion=MOTIONS[(2 * k + c) % len(MOTIONS)],
+        background=BACKGROUNDS[c % len(BACKGROUNDS)],
+        pitch=band_lo * (band_hi / band_lo) ** pitch_at,
+        timbre=TIMBRES[c % len(TIMBRES)],
+        rhythm=RHYTHMS[(k + c) % len(RHYTHMS)],
+        decay=0.08 if (k + c) % 2 == 0 else 0.3,
+        role=role,
+    )
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -274,6 +313,7 @@ class ClipJob:
     sig: ClassSignature
     clip: int
     split: str
+    task: str
 
     @property
     def index(self) -> int:
@@ -281,7 +321,11 @@ class ClipJob:
 
     @property
     def key(self) -> str:
-        return f"c{self.sig.class_id:03d}_{self.clip:04d}"
+        return clip_key(self.sig, self.clip)
+
+
+def clip_key(sig: ClassSignature, clip: int) -> str:
+    return f"c{sig.class_id:03d}_{clip:04d}"
 
 
 def render_clip(job: ClipJob) -> Sample:
@@ -300,7 +344,7 @@ def render_clip(job: ClipJob) -> Sample:
         "labels": [sig.class_id],
         "label_names": [sig.name],
         "category": sig.category,
-        "task": sig.category,
+        "task": job.task,
         "split": job.split,
         "duration": spec.duration,
         "fps": spec.fps,
@@ -330,26 +374,51 @@ def plan_splits(spec: SynthSpec, sig: ClassSignature) -> dict[str, list[int]]:
     return {"train": train, "test": test, "retrieval": test[: spec.retrieval_per_class]}
 
 
-def plan(spec: SynthSpec) -> list[dict[str, Any]]:
-    """Tasks in order, each with its classes and per split the ordered clip jobs cut into shards."""
+@dataclass
+class SynthTask:
+    name: str
+    category: str
+    """Its category, or for the task 'pretrain' every category joined by '+'."""
+    role: str
+    classes: list[ClassSignature]
+    shards: dict[str, list[list[ClipJob]]] = field(default_factory=dict)
+    """'train' and 'test': the clip jobs of each shard, in order."""
+    retrieval: set[str] = field(default_factory=set)
+    """The keys of the test clips that are copied into the retrieval split."""
+
+
+def plan(spec: SynthSpec) -> list[SynthTask]:
+    """Tasks in order (one per category, then 'pretrain' if it has classes), each with its clip jobs in shards."""
     sigs = class_signatures(spec)
-    tasks = []
+    tasks: list[SynthTask] = []
     for c in range(spec.categories):
         name = category_name(c)
-        members = [s for s in sigs if s.category == name]
-        per_split: dict[str, list[ClipJob]] = {split: [] for split in SPLITS}
-        for sig in members:
-            for split, clips in plan_splits(spec, sig).items():
-                per_split[split].extend(ClipJob(spec, sig, clip, split) for clip in clips)
-        # the training order is shuffled so that a shard mixes classes; evaluation splits stay sorted
-        perm = np.random.default_rng([spec.seed, c, 1 << 21]).permutation(len(per_split["train"]))
-        per_split["train"] = [per_split["train"][i] for i in perm]
-        shards = {
-            split: [jobs[i : i + spec.shard_size] for i in range(0, len(jobs), spec.shard_size)]
-            for split, jobs in per_split.items()
-        }
-        tasks.append({"name": name, "category": name, "classes": [s.name for s in members], "shards": shards})
+        members = [s for s in sigs if s.role == CONTINUAL and s.category == name]
+        tasks.append(_plan_task(spec, SynthTask(name, name, CONTINUAL, members), order_seed=c))
+    pretrain = [s for s in sigs if s.role == PRETRAIN]
+    if pretrain:
+        categories = "+".join(category_name(c) for c in range(spec.categories))
+        task = SynthTask(PRETRAIN_TASK, categories, PRETRAIN, pretrain)
+        tasks.append(_plan_task(spec, task, order_seed=spec.categories))
     return tasks
+
+
+def _plan_task(spec: SynthSpec, task: SynthTask, *, order_seed: int) -> SynthTask:
+    per_split: dict[str, list[ClipJob]] = {"train": [], "test": []}
+    for sig in task.classes:
+        for split, clips in plan_splits(spec, sig).items():
+            if split == "retrieval":
+                task.retrieval.update(clip_key(sig, clip) for clip in clips)
+            else:
+                per_split[split].extend(ClipJob(spec, sig, clip, split, task.name) for clip in clips)
+    # the training order is shuffled so that a shard mixes classes; the test split stays sorted
+    perm = np.random.default_rng([spec.seed, order_seed, 1 << 21]).permutation(len(per_split["train"]))
+    per_split["train"] = [per_split["train"][i] for i in perm]
+    task.shards = {
+        split: [jobs[i : i + spec.shard_size] for i in range(0, len(jobs), spec.shard_size)]
+        for split, jobs in per_split.items()
+    }
+    return task
 
 
 def _preprocessing(spec: SynthSpec) -> dict[str, Any]:
@@ -373,7 +442,7 @@ def generate(
     """Write the synthetic dataset for ``spec`` into ``out`` and return its manifest.
 
     ``out`` must be empty, absent, or an earlier synthetic dataset (which is replaced; when it was made from
-    the same spec by the same fastav it is kept as is).
+    the same spec by the same builder version it is kept as is).
     """
     out = Path(out)
     previous = _previous_synth(out)
@@ -383,56 +452,50 @@ def generate(
         for task in previous["tasks"]:
             shutil.rmtree(out / task["name"], ignore_errors=True)
     out.mkdir(parents=True, exist_ok=True)
-
     tasks = plan(spec)
-    jobs = [job for t in tasks for split in SPLITS if split != "retrieval" for s in t["shards"][split] for job in s]
+    samples = _render(tasks, workers=workers, show_progress=show_progress)
+    manifest_tasks = [_write_task(out, task, samples, shard_size=spec.shard_size) for task in tasks]
+    sigs = class_signatures(spec)
+    categories: dict[str, list[str]] = {}
+    for sig in sigs:
+        categories.setdefault(sig.category, []).append(sig.name)
+    return finish_dataset(
+        out,
+        preprocessing=_preprocessing(spec),
+        classes=[s.name for s in sigs],
+        categories=categories,
+        tasks=manifest_tasks,
+        rejects=[],
+        builder=BUILDER,
+        extra={"synth": asdict(spec), "class_signatures": [asdict(s) for s in sigs]},
+    )
+
+
+def _render(tasks: list[SynthTask], *, workers: int | None, show_progress: bool) -> Iterator[Sample]:
+    """The samples of every train and test shard, in task, split and shard order."""
+    jobs = [job for t in tasks for split in ("train", "test") for shard in t.shards[split] for job in shard]
     workers = max(1, min(workers or os.cpu_count() or 1, 32))
-    retrieval_cache: dict[str, Sample] = {}
-    manifest_tasks = []
     # processes from forkserver / spawn (workers.map_isolated): a fork of a process that already runs DALI or
     # OpenMP threads (a test session, a notebook) can deadlock; one worker runs in this process
     samples = map_isolated(render_clip, jobs, workers=workers if workers > 1 else 0, on_crash=_crashed)
-    if show_progress:
-        from fastav.log import progress
+    return progress(samples, total=len(jobs), desc="synth clips", unit="clip") if show_progress else samples
 
-        samples = progress(samples, total=len(jobs), desc="synth clips", unit="clip")
-    stream = iter(samples)
-    for task in tasks:
-        entry = {"name": task["name"], "category": task["category"], "classes": task["classes"], "splits": {}}
-        wanted = {job.key for shard in task["shards"]["retrieval"] for job in shard}
-        for split in SPLITS:
-            shard_entries = []
-            for i, shard_jobs in enumerate(task["shards"][split]):
-                if split == "retrieval":
-                    shard_samples = [retrieval_cache.pop(job.key) for job in shard_jobs]
-                else:
-                    shard_samples = [_take(stream, job) for job in shard_jobs]
-                    retrieval_cache.update({s.key: s for s in shard_samples if s.key in wanted})
-                rel = shard_relpath(task["name"], split, i)
-                info = write_shard(out / rel, _with_split(shard_samples, split))
-                shard_entries.append(
-                    {"path": rel, "index": rel[:-4] + ".idx", "num_samples": info.num_samples,
-                     "num_bytes": info.num_bytes}
-                )  # fmt: skip
-            entry["splits"][split] = {
-                "shards": shard_entries,
-                "num_samples": sum(s["num_samples"] for s in shard_entries),
-            }
-        manifest_tasks.append(entry)
 
-    sigs = class_signatures(spec)
-    manifest = make_manifest(
-        preprocessing=_preprocessing(spec),
-        classes=[s.name for s in sigs],
-        categories={t["category"]: t["classes"] for t in tasks},
-        tasks=manifest_tasks,
-        rejects=0,
-        builder="shards synth",
-        extra={"synth": asdict(spec), "class_signatures": [asdict(s) for s in sigs]},
-    )
-    (out / "rejects.jsonl").write_text("")
-    write_manifest(out, manifest)
-    return manifest
+def _write_task(out: Path, task: SynthTask, samples: Iterator[Sample], *, shard_size: int) -> dict[str, Any]:
+    """Write a task's train and test shards from ``samples``, then its retrieval copies; return its manifest entry."""
+    entries: dict[str, list[dict[str, Any]]] = {split: [] for split in SPLITS}
+    test_shard_of: dict[str, str] = {}
+    for split in ("train", "test"):
+        for i, jobs in enumerate(task.shards[split]):
+            written = write_samples(out, shard_relpath(task.name, split, i), [_take(samples, job) for job in jobs])
+            entries[split].append(written.entry)
+            if split == "test":
+                test_shard_of.update(dict.fromkeys(written.keys, written.rel))
+    test_keys = [job.key for shard in task.shards["test"] for job in shard]
+    for rel, keys in retrieval_layout(task.name, test_keys, task.retrieval, shard_size=shard_size):
+        entries["retrieval"].append(copy_retrieval(out, rel, keys, test_shard_of).entry)
+    classes = [s.name for s in task.classes]
+    return task_entry(name=task.name, category=task.category, classes=classes, shards=entries, role=task.role)
 
 
 def _crashed(job: ClipJob, reason: str) -> Sample:
@@ -445,18 +508,6 @@ def _take(stream: Iterator[Sample], job: ClipJob) -> Sample:
     return sample
 
 
-def _with_split(samples: list[Sample], split: str) -> list[Sample]:
-    """Retrieval copies of test clips say so in their metadata."""
-    out = []
-    for s in samples:
-        meta = json.loads(s.members["json"])
-        if meta["split"] != split:
-            meta["split"] = split
-            s = Sample(s.key, {**s.members, "json": json.dumps(meta, sort_keys=True).encode()})
-        out.append(s)
-    return out
-
-
 def _previous_synth(out: Path) -> dict[str, Any] | None:
     if not out.exists() or not any(out.iterdir()):
         return None
@@ -465,7 +516,7 @@ def _previous_synth(out: Path) -> dict[str, Any] | None:
             f"{out} is not empty and holds no dataset; choose an empty or new --out directory (nothing was written)"
         )
     manifest = load_manifest(out)
-    if manifest.get("builder") != "shards synth":
+    if manifest.get("builder") != BUILDER:
         raise FileExistsError(
             f"{out} holds a dataset built by {manifest.get('builder')!r}, not a synthetic one; "
             f"choose another --out directory (nothing was written)"
@@ -474,9 +525,7 @@ def _previous_synth(out: Path) -> dict[str, Any] | None:
 
 
 def _complete(out: Path, manifest: dict[str, Any]) -> bool:
-    from fastav import __version__
-
-    if manifest.get("builder_version") != __version__:
+    if manifest.get("builder_version") != builder_version():
         return False
     return all(
         (out / s["path"]).is_file() and (out / s["index"]).is_file()

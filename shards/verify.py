@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from shards.manifest import SPLITS, load_manifest
+from shards.progress import progress
 from shards.workers import default_workers, map_isolated
 from shards.writer import ShardError, check_key, read_index
 
@@ -274,8 +275,6 @@ def verify_dataset(
         check_shard, checks, workers=min(n, max(1, len(checks))) if n else 0, on_crash=_shard_crashed
     )
     if show_progress and checks:
-        from fastav.log import progress
-
         results = progress(results, total=len(checks), desc="verify shards", unit="shard")
     shards = list(results)
     return VerifyReport(root=root, shards=shards, problems=_dataset_problems(root, manifest, shards))

@@ -103,7 +103,8 @@ def test_override_errors_name_the_field(override: str, message: str) -> None:
     [
         ("model.mask_ratio_a=1.0", "model.mask_ratio_a: got 1.0; accepted: a fraction in [0, 1)"),
         ("model.mask_ratio_v=-0.1", "model.mask_ratio_v: got -0.1; accepted: a fraction in [0, 1)"),
-        ("continual.core_video_ratio=1.5", "continual.core_video_ratio: got 1.5"),
+        ("method.stella.core_video_ratio=1.5", "method.stella.core_video_ratio: got 1.5"),
+        ("method.lump.mix_alpha=0", "method.lump.mix_alpha: got 0.0; accepted: a value > 0"),
         ("data.mixup=1.5", "data.mixup: got 1.5; accepted: a fraction in [0, 1]"),
         ("data.batch_size=0", "data.batch_size: got 0; accepted: a value > 0"),
         ("train.lr=-1", "train.lr: got -1.0; accepted: a value > 0"),
@@ -115,7 +116,6 @@ def test_override_errors_name_the_field(override: str, message: str) -> None:
         ("train.schedule=multistep", "train.milestones: got (); accepted: at least one epoch"),
         ("distributed.zero_stage=4", "distributed.zero_stage: got 4; accepted: one of 0, 1, 2, 3"),
         ("continual.task_order=a,b,a", "continual.task_order: got ('a', 'b', 'a'); accepted: each task at most once"),
-        ("continual.memory_size=0", "continual.memory_size: got 0; accepted: > 0 for continual.method='stella'"),
         ("data.sampling=cavmae", "data.num_frames: got 4; accepted: 1 when data.sampling='cavmae'"),
         ("data.specaug_freq=100", "data.specaug_freq: got 100; accepted: at most data.num_mel_bins (64)"),
         ("eval.retrieval_ks=0", "eval.retrieval_ks: got (0,); accepted: one or more positive integers"),
@@ -129,7 +129,7 @@ def test_validation_errors_name_field_and_accepted_values(override: str, message
 
 
 def test_valid_edge_values_pass() -> None:
-    load_config("debug", ["continual.method=finetune", "continual.memory_size=0", "data.mixup=1.0"])
+    load_config("debug", ["method.name=finetune", "method.memory_size=0", "data.mixup=1.0"])
     load_config("debug", ["model.mask_ratio_a=0", "model.shared_depth=0", "model.avm=false"])
 
 
@@ -191,3 +191,22 @@ def test_cli(capsys) -> None:
     assert json.loads(capsys.readouterr().out)["train"]["lr"] == 0.5
     assert main(["show", "--recipe", "debug", "train.lr=x"]) == 2
     assert "train.lr: expected a number" in capsys.readouterr().err
+
+
+def test_nested_sections_take_dotted_overrides_at_any_depth(tmp_path) -> None:
+    cfg = load_config("debug", ["method.stella.alpha=0.3", "method.derpp.alpha=0.25", "method.name=derpp"])
+    assert (cfg.method.stella.alpha, cfg.method.derpp.alpha, cfg.method.name) == (0.3, 0.25, "derpp")
+    cfg.save(tmp_path)
+    again = Config.load(tmp_path / "config.json")
+    assert again == cfg and again.method.stella.alpha == 0.3
+    assert "method.stella.att_temperature = 0.4" in explain(cfg)
+    for override, message in [
+        ("method.stella.alpah=1", "unknown field of 'method.stella' 'alpah' (did you mean method.stella.alpha?)"),
+        ("method.stella=1", "'method.stella': a section, not a value; set its fields: method.stella.core_video_ratio"),
+        ("method.name.x=1", "method.name is a value, not a section"),
+        ("method.derpp.alpha=-1", "method.derpp.alpha: got -1.0; accepted: a value >= 0"),
+        ("method.name=er method.memory_size=0", "method.memory_size: got 0; accepted: > 0 for method.name='er'"),
+    ]:
+        with pytest.raises(ConfigError) as err:
+            load_config("debug", override.split())
+        assert message in str(err.value), (override, str(err.value))

@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from shards.manifest import FORMAT_VERSION, ManifestError, load_manifest, shard_paths, summary
+from shards.manifest import FORMAT_VERSION, ManifestError, load_manifest, shard_paths, summary, task_names
 
 
 def _rewrite(root, change) -> None:
@@ -43,12 +43,21 @@ def test_load_and_supported_parameters(synth_dataset) -> None:
         (lambda m: m["tasks"][0]["splits"].pop("retrieval"), "field 'tasks\\[0\\].splits.retrieval' needs"),
         (lambda m: m["tasks"][1]["classes"].append("nope"), "'tasks\\[1\\].classes' names unknown classes"),
         (lambda m: m["tasks"][0]["splits"]["train"].update(num_samples=1), "shard counts do not add up"),
+        (lambda m: m["tasks"][2].update(role="warmup"), "'tasks\\[2\\].role' is 'warmup'"),
     ],
 )
 def test_malformed_manifests_are_refused(dataset_copy, change, message) -> None:
     _rewrite(dataset_copy, change)
     with pytest.raises(ManifestError, match=message):
         load_manifest(dataset_copy)
+
+
+def test_a_task_without_role_is_continual(dataset_copy) -> None:
+    _rewrite(dataset_copy, lambda m: [t.pop("role") for t in m["tasks"]])
+    manifest = load_manifest(dataset_copy)
+    assert task_names(manifest) == ["pulses", "chimes", "buzzes"] and task_names(manifest, "pretrain") == []
+    with pytest.raises(ManifestError, match="task role 'warmup'"):
+        task_names(manifest, "warmup")
 
 
 def test_missing_and_invalid(tmp_path) -> None:

@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 
 from shards.__main__ import main as shards_main
-from shards.manifest import SPLITS, load_manifest
+from shards.manifest import SPLITS, load_manifest, task_names
 from shards.media import decode_audio, decode_video
-from shards.synth import SynthSpec, generate
+from shards.synth import SynthSpec, class_signatures, generate
 from shards.writer import iter_shard, read_index
 
 TINY = SynthSpec(categories=2, classes_per_category=2, clips_per_class=4, test_fraction=0.5, retrieval_per_class=1,
@@ -72,6 +72,74 @@ def test_cli_synth_and_info(tmp_path: Path, capsys) -> None:
     assert "not found" in capsys.readouterr().err
     assert shards_main(["synth", "--out", str(tmp_path / "x"), "--clips-per-class", "1"]) == 2
     assert "clips_per_class=1" in capsys.readouterr().err
+    pretrain = tmp_path / "pretrain"
+    assert shards_main([*args[:2], str(pretrain), *args[3:], "--pretrain-classes-per-category", "1"]) == 0
+    assert "pretrain" in capsys.readouterr().out and task_names(load_manifest(pretrain), "pretrain") == ["pretrain"]
+    assert shards_main(["synth", "--out", str(tmp_path / "y"), "--pretrain-classes-per-category", "-1"]) == 2
+    assert "pretrain_classes_per_category=-1" in capsys.readouterr().err
+
+
+# --- the pre-training task ------------------------------------------------------------------------------------------
+
+PRETRAIN = SynthSpec(**{**TINY.__dict__, "pretrain_classes_per_category": 2, "duration": 1.0})
+
+
+def test_pretrain_task_holds_classes_no_continual_task_has(tmp_path: Path) -> None:
+    manifest = generate(PRETRAIN, tmp_path / "p", workers=2, show_progress=False)
+    root = tmp_path / "p"
+    assert [(t["name"], t["role"]) for t in manifest["tasks"]] == [
+        ("pulses", "continual"),
+        ("chimes", "continual"),
+        ("pretrain", "pretrain"),
+    ]
+    assert task_names(manifest) == ["pulses", "chimes"] and task_names(manifest, "pretrain") == ["pretrain"]
+    continual = [c for t in manifest["tasks"][:2] for c in t["classes"]]
+    pretrain = manifest["tasks"][2]["classes"]
+    assert len(pretrain) == 2 * 2 and not set(pretrain) & set(continual)
+    assert manifest["classes"] == continual + pretrain  # continual class ids as without the pretrain task
+    assert {c: sorted(v) for c, v in manifest["categories"].items()} == {
+        "pulses": sorted(continual[:2] + pretrain[:2]),
+        "chimes": sorted(continual[2:] + pretrain[2:]),
+    }
+    splits = manifest["tasks"][2]["splits"]
+    assert {s: splits[s]["num_samples"] for s in SPLITS} == {"train": 8, "test": 8, "retrieval": 4}
+    for split in SPLITS:
+        for shard in splits[split]["shards"]:
+            assert shard["path"].startswith(f"pretrain/{split}/")
+            assert len(read_index(root / shard["index"])) == shard["num_samples"]
+    metas = [m for m, _ in _samples(root, {"tasks": manifest["tasks"][2:]}, "train")]
+    assert {m["task"] for m in metas} == {"pretrain"} and {m["category"] for m in metas} == {"pulses", "chimes"}
+    assert all(manifest["classes"][m["labels"][0]] in pretrain for m in metas)
+    assert shards_main(["verify", str(root), "--quiet", "--workers", "0"]) == 0
+
+
+def test_pretrain_task_keeps_bytes_deterministic_and_the_continual_tasks_unchanged(tmp_path: Path) -> None:
+    generate(PRETRAIN, tmp_path / "a", workers=1, show_progress=False)
+    generate(PRETRAIN, tmp_path / "b", workers=2, show_progress=False)
+    a = _tars(tmp_path / "a")
+    assert a == _tars(tmp_path / "b") and any(k.startswith("pretrain/") for k in a)
+    assert (tmp_path / "a" / "manifest.json").read_text() == (tmp_path / "b" / "manifest.json").read_text()
+    without = SynthSpec(**{**PRETRAIN.__dict__, "pretrain_classes_per_category": 0})
+    generate(without, tmp_path / "c", workers=2, show_progress=False)
+    assert _tars(tmp_path / "c") == {k: v for k, v in a.items() if not k.startswith("pretrain/")}
+
+
+@pytest.mark.parametrize("per_category, pretrain", [(4, 3), (3, 1)])
+def test_pretrain_classes_lie_in_their_category_region(per_category: int, pretrain: int) -> None:
+    spec = SynthSpec(categories=3, classes_per_category=per_category, pretrain_classes_per_category=pretrain)
+    sigs = class_signatures(spec)
+    n = 3 * per_category
+    assert [s.class_id for s in sigs] == list(range(spec.num_classes)) and spec.num_classes == n + 3 * pretrain
+    assert [s.role for s in sigs] == ["continual"] * n + ["pretrain"] * (3 * pretrain)
+    for sig in sigs[n:]:
+        own = [s for s in sigs[:n] if s.category == sig.category]
+        assert (sig.timbre, sig.background) == (own[0].timbre, own[0].background)
+        assert own[0].pitch < sig.pitch < own[-1].pitch  # inside the category's pitch band
+        assert own[0].hue <= sig.hue < own[0].hue + 0.8 / 3  # inside the category's hue range
+    for category in {s.category for s in sigs}:
+        looks = [(s.shape, s.motion, s.rhythm, round(s.pitch, 3)) for s in sigs if s.category == category]
+        assert len(set(looks)) == len(looks)
+    assert len({s.name for s in sigs}) == len(sigs)
 
 
 def test_layout_splits_and_metadata(synth_dataset) -> None:

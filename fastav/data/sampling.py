@@ -9,10 +9,13 @@ these functions).
   the frames the official extraction keeps). Train: one grid frame chosen uniformly. Eval: the middle one,
   ``grid[n // 2]`` (frame 5 of 10), or all of them for multi-frame evaluation, padded to 10 by repeating the last
   grid frame (so every clip yields the same number of frames).
-- **STELLA** takes ``T`` frames 1 s apart (stride ``fps``): a window of ``(T - 1) * fps + 1`` frames whose start
-  is uniform on the 1/fps grid at train and fixed at ``eval_start`` seconds at eval (clamped so the window fits).
-  **Padding rule** for clips shorter than the window: the window starts at 0 and indices past the last frame
-  repeat the last frame.
+- **STELLA** takes ``T`` frames 1 s apart (stride ``fps``). At train the start is uniform on the 1/fps grid over
+  ``[0, num_frames - T * fps)``: the ``T``-second window stays inside the clip, as in STELLA's dataset (a 10-s clip
+  at 8 fps starts at frames 0-47, 0 to 5.875 s, so its last second is never sampled). A clip too short for that
+  (fewer than ``T * fps + 1`` frames) starts anywhere its ``(T - 1) * fps + 1`` frames fit. At eval the start is
+  fixed at ``eval_start`` seconds (3 s in STELLA), clamped so the frames fit.
+  **Padding rule** for clips shorter than the frames' span: the window starts at 0 and indices past the last
+  frame repeat the last frame.
 
 Crops (on frames that are square in the shards, but any size works):
 
@@ -61,7 +64,8 @@ def stella_frames(
     if last_start < 0:
         start = 0
     elif train:
-        start = int(rng.integers(last_start + 1))
+        starts = num_frames - num_out * stride  # the T-second window inside the clip (STELLA's rule)
+        start = int(rng.integers(starts if starts > 0 else last_start + 1))
     else:
         start = min(max(int(round(eval_start * fps)), 0), last_start)
     return [min(start + i * stride, num_frames - 1) for i in range(num_out)]

@@ -513,3 +513,18 @@ def config_from_weights(path: str | os.PathLike) -> Config | None:
     """The config stored in a fastav weights file, if any."""
     raw = read_weights_metadata(path).get("config")
     return Config.from_dict(json.loads(raw)) if raw else None
+
+
+def load_init(model: nn.Module, path: str | os.PathLike, *, family: Family) -> LoadReport:
+    """``model.init``: a fastav weights file (``.safetensors``, strict) or an official CAV-MAE / STELLA checkpoint
+    in ``family``'s layout (missing and unexpected keys reported, not fatal: a pre-training checkpoint has no
+    classifier, a fine-tuned one no decoder)."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(
+            f"model.init: {path}: no such file; give the weights.safetensors of a fastav run or an official "
+            f"CAV-MAE / STELLA checkpoint (.pth), or leave model.init empty for a random start"
+        )
+    if path.suffix == ".safetensors":
+        return load_weights(model, path)
+    return (load_cavmae if family == "cavmae" else load_stella)(model, path, strict=False)

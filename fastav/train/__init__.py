@@ -1,9 +1,10 @@
-"""Training: the DeepSpeed engine wrapper (the only DeepSpeed-aware module), pre-training loop, synthetic data.
+"""Training: the method contract, the DeepSpeed engine (the only DeepSpeed-aware module) and the loop.
 
 ``fastav.train.engine`` imports DeepSpeed lazily, when an engine is built or the process group started.
 """
 
 from fastav.train.engine import (
+    CheckpointError,
     DistInfo,
     Engine,
     build_optimizer,
@@ -13,21 +14,23 @@ from fastav.train.engine import (
     lr_factor,
     parameter_groups,
 )
-from fastav.train.pretrain import PretrainResult, evaluate_retrieval, pretrain, recall_at_k
-from fastav.train.synthetic import SyntheticAV
+from fastav.train.method import Method, Stage, StepOutput
+from fastav.train.trainer import RunResult, Trainer, TrainingError
 
 __all__ = [
+    "CheckpointError",
     "DistInfo",
     "Engine",
-    "PretrainResult",
-    "SyntheticAV",
+    "Method",
+    "RunResult",
+    "Stage",
+    "StepOutput",
+    "Trainer",
+    "TrainingError",
     "build_optimizer",
     "build_scheduler",
-    "evaluate_retrieval",
     "init_distributed",
     "list_checkpoints",
     "lr_factor",
     "parameter_groups",
-    "pretrain",
-    "recall_at_k",
 ]

@@ -33,12 +33,13 @@ def test_cavmae_grid(num_frames: int, fps: int, grid: list[int]) -> None:
 @pytest.mark.parametrize(
     "num_frames, fps, eval_start, eval_frames, train_starts",
     [
-        (80, 8, 3.0, [24, 32, 40, 48], range(0, 56)),  # 10 s: fixed window at 3 s, random start on the 1/8 s grid
-        (32, 8, 3.0, [7, 15, 23, 31], range(0, 8)),  # 4 s: the eval window is clamped to fit
+        (80, 8, 3.0, [24, 32, 40, 48], range(0, 48)),  # 10 s: fixed window at 3 s, train start 0-5.875 s (STELLA)
+        (33, 8, 3.0, [8, 16, 24, 32], range(0, 1)),  # 4 s + 1 frame: the 4-s window fits once
+        (32, 8, 3.0, [7, 15, 23, 31], range(0, 8)),  # 4 s: too short for the 4-s window; wherever the frames fit
         (25, 8, 3.0, [0, 8, 16, 24], range(0, 1)),  # exactly the window
         (20, 8, 3.0, [0, 8, 16, 19], range(0, 1)),  # shorter: starts at 0, the last frame repeats
         (3, 8, 0.0, [0, 2, 2, 2], range(0, 1)),
-        (300, 30, 3.0, [90, 120, 150, 180], range(0, 210)),
+        (300, 30, 3.0, [90, 120, 150, 180], range(0, 180)),
     ],
 )
 def test_stella_frames(num_frames, fps, eval_start, eval_frames, train_starts) -> None:

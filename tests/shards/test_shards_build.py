@@ -6,6 +6,7 @@ there, with two classes in two categories (two continual tasks).
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import shutil
@@ -19,6 +20,7 @@ import numpy as np
 import pytest
 from media_cases import BAD, CLIP_ARGS, GOOD
 
+from shards import __main__ as shards_cli
 from shards.__main__ import main as shards_main
 from shards.manifest import SPLITS, load_manifest, shard_paths
 from shards.writer import iter_shard
@@ -248,9 +250,11 @@ def test_stats_split_and_probe_commands(
         "--write",
         str(plan_file),
     ]
-    assert shards_main(argv) == 0
-    printed = capsys.readouterr().out
+    assert shards_main(argv) == 1  # 2 of 15 rejected: more than --max-reject-fraction 0.05, the rule of build
+    captured = capsys.readouterr()
+    printed = captured.out
     assert "animals" in printed and "rejected while planning: 2" in printed  # the missing and the empty file
+    assert "2 of 15 clips (13.3%) were rejected while planning" in captured.err
     plan = json.loads(plan_file.read_text())
     assert [t["name"] for t in plan["tasks"]] == ["animals", "people"]
     assert sorted(r["code"] for r in plan["rejects"]) == ["empty", "missing"]
@@ -262,6 +266,57 @@ def test_stats_split_and_probe_commands(
     assert ": OK" in capsys.readouterr().out
     assert shards_main(["probe", good, bad, "--size", "64", "--duration", "2"]) == 1
     assert "REJECT (no_audio) no audio stream" in capsys.readouterr().out
+
+
+def test_split_accepts_every_option_of_build() -> None:
+    sub = argparse.ArgumentParser().add_subparsers()
+    shards_cli._add_build(sub)
+    shards_cli._add_split(sub)
+    build, split = (set(sub.choices[name]._option_string_actions) for name in ("build", "split"))
+    assert "--duration" in build and build <= split, sorted(build - split)
+
+
+def test_split_takes_the_build_command_line_and_plans_what_build_built(
+    built: Path, vgg_inputs: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # the `built` fixture's command line, encoding and run options included, with `build` replaced by `split`
+    plan_file, out = tmp_path / "plan.json", tmp_path / "never-written"
+    argv = _build_args(vgg_inputs, out, "--workers", "2", "--max-reject-fraction", "1")
+    assert argv[0] == "build" and "--duration" in argv and "--size" in argv
+    assert shards_main(["split", *argv[1:], "--write", str(plan_file)]) == 0
+    assert "rejected while planning: 2 (empty 1, missing 1)" in capsys.readouterr().out
+    assert not out.exists()
+    plan, manifest = json.loads(plan_file.read_text()), load_manifest(built)
+    assert [(t["name"], t["classes"]) for t in plan["tasks"]] == [(t["name"], t["classes"]) for t in manifest["tasks"]]
+    planned = {j["key"] for t in plan["tasks"] for split in ("train", "test") for j in t[split]}
+    built_keys = {m["key"] for split in ("train", "test") for m, _ in _samples(built, split)}
+    transcode_rejects = {json.loads(line).get("key") for line in (built / "rejects.jsonl").read_text().splitlines()}
+    assert planned == built_keys | (transcode_rejects - {None})
+    # a bad encoding option fails the dry run as it fails the build
+    assert shards_main(["split", *_build_args(vgg_inputs, out, "--size", "15")[1:]]) == 2
+    assert "--size 15" in capsys.readouterr().err
+
+
+def test_split_and_build_exit_1_with_the_reasons_when_the_name_pattern_matches_nothing(
+    vgg_inputs: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    argv = _build_args(vgg_inputs, tmp_path / "out", "--name-pattern", "{youtube_id}.mkv")
+    assert shards_main(["split", *argv[1:]]) == 1
+    captured = capsys.readouterr()
+    assert "rejected while planning: 15 (missing 15)" in captured.out
+    assert "missing (15 clips): the files are not where the inputs say; check --video-dir and --name-pattern" in (
+        captured.out
+    )
+    examples = [line for line in captured.out.splitlines() if "file not found" in line]
+    assert len(examples) == 2 and all(".mkv (vggsound.csv:" in line for line in examples), captured.out
+    assert "15 of 15 clips (100.0%) were rejected while planning, more than --max-reject-fraction 0.05" in (
+        captured.err
+    )
+    assert shards_main(argv) == 1  # build: the same rule on the same command line
+    captured = capsys.readouterr()
+    assert "15 of 15 clips (100.0%) were rejected, more than --max-reject-fraction 0.05" in captured.err
+    assert "missing (15 clips)" in captured.out
+    assert shards_main(["split", *argv[1:], "--max-reject-fraction", "1"]) == 0
 
 
 # --- determinism, resume after a kill, crash isolation ---

@@ -1,4 +1,4 @@
-"""Trainer parts that need no process group: parameter groups, schedule, RNG state, synthetic loader, resume paths."""
+"""Trainer parts that need no process group: parameter groups, schedule, RNG state, synthetic source, resume paths."""
 
 from __future__ import annotations
 
@@ -10,9 +10,17 @@ import pytest
 import torch
 
 from fastav.config import load_config
+from fastav.data import SyntheticAV, build_loader
 from fastav.models import build_pretrain_model
-from fastav.train import SyntheticAV, lr_factor, parameter_groups, recall_at_k
-from fastav.train.engine import build_optimizer, build_scheduler, resolve_resume, rng_state, set_rng_state
+from fastav.train import lr_factor, parameter_groups
+from fastav.train.engine import (
+    CheckpointError,
+    build_optimizer,
+    build_scheduler,
+    resolve_resume,
+    rng_state,
+    set_rng_state,
+)
 
 
 def test_no_weight_decay_on_biases_norms_tables_embeddings_and_tokens() -> None:
@@ -47,14 +55,14 @@ def test_cavmae_multistep_schedule_per_epoch() -> None:
     assert lr_factor(warm, 10.0) == pytest.approx(0.0, abs=1e-12)
     model = torch.nn.Linear(2, 2)
     opt = build_optimizer(model, train)
-    sched = build_scheduler(opt, train, steps_per_epoch=4)
+    sched = build_scheduler(opt, train, lambda step: step / 4)  # 4 steps per epoch
     lrs = []
     for _ in range(48):
         lrs.append(sched.get_last_lr()[0])
         opt.step()
         sched.step()
     assert lrs[39] == pytest.approx(5e-5) and lrs[40] == pytest.approx(2.5e-5)  # step 40 = start of epoch 11
-    assert isinstance(opt, torch.optim.Adam) and opt.defaults["betas"] == (0.95, 0.999)
+    assert isinstance(opt, torch.optim.Adam) and opt.defaults["betas"] == (0.95, 0.999) and opt.defaults["fused"]
 
 
 def test_rng_state_round_trip() -> None:
@@ -66,39 +74,53 @@ def test_rng_state_round_trip() -> None:
     assert (random.random(), np.random.rand(), torch.rand(1).item()) == first
 
 
-def test_synthetic_loader_is_deterministic_split_and_resumable() -> None:
-    cfg = load_config("debug", ["data.batch_size=4"])
-    ranks = [SyntheticAV(cfg, num_samples=40, rank=r, world_size=2) for r in range(2)]
-    assert len(ranks[0]) == 5
+def test_synthetic_source_is_deterministic_split_by_rank_and_task_and_resumable() -> None:
+    cfg = load_config("debug", ["data.batch_size=4", "data.source=synthetic", "data.synthetic_clips=40"])
+    ranks = [build_loader(cfg, "train", rank=r, world_size=2) for r in range(2)]
+    assert isinstance(ranks[0], SyntheticAV) and len(ranks[0]) == 5
     ids = [torch.cat([b["index"] for b in loader]) for loader in ranks]
     assert set(ids[0].tolist()).isdisjoint(ids[1].tolist()) and all(x.epoch == 1 for x in ranks)
-    loader = SyntheticAV(cfg, num_samples=40)
+    loader = SyntheticAV(cfg)
     batch = next(iter(loader))
     assert batch["video"].shape == (4, 4, 3, 64, 64) and batch["fbank"].shape == (4, 256, 64)
-    assert batch["labels"].shape == (4, 8) and batch["index"].dtype == torch.int64
+    assert batch["labels"].shape == (4, 8) and batch["index"].dtype == torch.int64 and bool(batch["valid"].all())
     it = iter(loader)
     seen = [next(it)["index"] for _ in range(2)]
     state = loader.state_dict()
     rest = [b["index"] for b in it] + [b["index"] for b in loader]  # end of epoch 0, then epoch 1
-    again = SyntheticAV(cfg, num_samples=40)
+    again = SyntheticAV(cfg)
     again.load_state_dict(state)
-    assert state == {"epoch": 0, "batch": 3}
     replay = [b["index"] for b in again] + [b["index"] for b in again]
     assert all(torch.equal(a, b) for a, b in zip(rest, replay, strict=True))
     assert not torch.equal(seen[0], rest[-1])
-    same = SyntheticAV(cfg, num_samples=40).sample(7)
+    same = SyntheticAV(cfg).sample(7)
     assert torch.equal(same[0], loader.sample(7)[0]) and torch.equal(same[1], loader.sample(7)[1])
 
 
-def test_recall_at_k_and_resume_paths(tmp_path: Path) -> None:
-    a = torch.eye(4)
-    v = torch.eye(4)[[0, 1, 3, 2]]
-    assert recall_at_k(a, v, ks=(1, 2)) == {1: 0.5, 2: 1.0}
+def test_synthetic_tasks_and_held_out_evaluation_split() -> None:
+    cfg = load_config(
+        "debug",
+        ["data.source=synthetic", "data.synthetic_clips=36", "data.synthetic_classes=6", "data.synthetic_tasks=3"],
+    )
+    task1 = SyntheticAV(cfg, "train", tasks=["task1"], batch_size=4)
+    ids = torch.cat([b["index"] for b in task1])
+    assert set((ids % 6).tolist()) == {2, 3} and set(ids.tolist()) <= set(range(36))
+    assert all(bool((b["task"] == 1).all()) for b in SyntheticAV(cfg, "train", tasks=["task1"], batch_size=4))
+    evals = [SyntheticAV(cfg, "retrieval", rank=r, world_size=2, batch_size=5) for r in range(2)]
+    batches = [list(e) for e in evals]
+    assert len(batches[0]) == len(batches[1]) == 4  # 18 clips per rank in batches of 5: the last one padded
+    valid = torch.cat([b["index"][b["valid"]] for rank in batches for b in rank])
+    assert sorted(valid.tolist()) == list(range(36, 72))  # the held-out clips, each exactly once
+    with pytest.raises(ValueError, match="no task 'task9'"):
+        SyntheticAV(cfg, "train", tasks=["task9"])
+
+
+def test_resume_paths(tmp_path: Path) -> None:
     assert resolve_resume("", tmp_path) is None and resolve_resume("auto", tmp_path) is None
     (tmp_path / "step_00000004" / "state").mkdir(parents=True)
     (tmp_path / "step_00000012" / "state").mkdir(parents=True)
     assert resolve_resume("auto", tmp_path) == tmp_path / "step_00000012"
     (tmp_path / "latest").write_text("step_00000004\n")
     assert resolve_resume("auto", tmp_path) == tmp_path / "step_00000004"
-    with pytest.raises(FileNotFoundError, match="train.resume: .* is not a checkpoint directory"):
+    with pytest.raises(CheckpointError, match="train.resume: .* is not a checkpoint directory"):
         resolve_resume(str(tmp_path / "nope"), tmp_path)
