@@ -338,9 +338,16 @@ class StellaConfig:
     """Weight of the DER-style MSE on the replayed clips' stored embeddings."""
     matching_loss_weight: float = 1.0
     """Weight of the AVM matching loss."""
+    avm_init: str = ""
+    """AVM weights the continual run starts from: the avm.safetensors of an AVM stage (``launch/avm.py``: the AVM
+    trained with the backbone frozen, as the paper does) or an official STELLA / FLAVA checkpoint holding
+    ``avmatching_module.*`` keys (with model.avm_layout=official). Empty: a random AVM, as STELLA's released
+    commands run (they leave avm_pretrain_path empty)."""
+    avm_epochs: int = 15
+    """Epochs of the AVM stage (``launch/avm.py``) over the pre-training task (STELLA: 15 on AudioSet-20k)."""
 
     def validate(self) -> None:
-        _positive(self, "num_core_audio_times", "att_temperature")
+        _positive(self, "num_core_audio_times", "att_temperature", "avm_epochs")
         _non_negative(self, "alpha", "matching_loss_weight")
         _fraction(self, "core_video_ratio", "core_audio_ratio", closed=False)
 
@@ -433,9 +440,9 @@ class QmfConfig:
         _positive(self, "energy_scale")
 
 
-CONTINUAL_METHODS = ("finetune", "multitask", "er", "derpp", "lump")
+CONTINUAL_METHODS = ("finetune", "multitask", "er", "derpp", "lump", "stella", "stella_plus")
 """Pre-training methods (``launch/pretrain.py``, ``launch/continual.py``); the replay ones keep a memory."""
-REPLAY_METHODS = ("er", "derpp", "lump")
+REPLAY_METHODS = ("er", "derpp", "lump", "stella", "stella_plus")
 FINETUNE_METHODS = ("linear_probe", "stella_probe", "cavmae_ft", "mla", "concat", "ogm_ge", "qmf")
 """Downstream fine-tuning methods (``launch/finetune.py``): classification probes and full fine-tuning, MLA and
 the joint-training baselines it is compared with."""
@@ -447,7 +454,10 @@ METHODS = CONTINUAL_METHODS + FINETUNE_METHODS
 class MethodConfig:
     name: Literal[METHODS] = "finetune"  # type: ignore[valid-type]
     """What is trained: 'finetune' (MAE + InfoNCE on the current batch; plain pre-training, the continual lower
-    bound), 'multitask' (the same on all tasks jointly, the upper bound), or a replay method: 'er', 'derpp', 'lump'."""
+    bound), 'multitask' (the same on all tasks jointly, the upper bound), or a replay method: 'er', 'derpp', 'lump',
+    'stella' (patch selection guided by the AVM, clips in memory), 'stella_plus' (selected patches in memory).
+    Fine-tuning (launch/finetune.py): 'linear_probe', 'stella_probe', 'cavmae_ft', or 'mla' and its baselines
+    'concat', 'ogm_ge', 'qmf'."""
     memory_size: int = 2000
     """Replay memory size over all ranks, divided evenly among them (reservoir sampling)."""
     derpp: DerppConfig = field(default_factory=DerppConfig)
@@ -706,6 +716,7 @@ def stella_vggsound() -> Config:
     """STELLA continual pre-training on the VGGSound 8-task sequence (stella.md §5)."""
     cfg = base()
     cfg.recipe = "stella_vggsound"
+    cfg.method = dataclasses.replace(cfg.method, name="stella")
     cfg.continual = dataclasses.replace(
         cfg.continual,
         task_order=("sports", "music", "vehicle", "people", "animals", "home_nature", "others_part1", "others_part2"),
@@ -718,6 +729,7 @@ def stella_audioset() -> Config:
     """STELLA continual pre-training on the AudioSet 7-task sequence (stella.md §5): batch 9 per GPU."""
     cfg = base()
     cfg.recipe = "stella_audioset"
+    cfg.method = dataclasses.replace(cfg.method, name="stella")
     cfg.data = dataclasses.replace(cfg.data, batch_size=9)
     cfg.continual = dataclasses.replace(
         cfg.continual,
@@ -739,14 +751,16 @@ def debug_finetune() -> Config:
 
 
 def debug_mla() -> Config:
-    """MLA at the debug sizes on a CPU (method.name=concat, ogm_ge or qmf for its baselines): the debug-size fastav
-    branches (from model.init, else random), SGD with momentum, and synthetic clips whose video is the weak
+    """MLA on a CPU (method.name=concat, ogm_ge or qmf for its baselines): a ResNet-18 pair at a quarter of the
+    width (method.mla.encoders=backbone for the debug-size fastav branches, from model.init), SGD with momentum 0.9
+    and weight decay 1e-4 at a CPU-run learning rate, 10 epochs, on synthetic clips whose video is the weak
     modality (data.source=synthetic)."""
     cfg = debug_finetune()
     cfg.recipe = "debug_mla"
     cfg.data = dataclasses.replace(cfg.data, synthetic_weak_modality="video", synthetic_noise=0.5)
-    cfg.train = dataclasses.replace(cfg.train, optimizer="sgd", lr=1e-2, momentum=0.9, weight_decay=1e-4, epochs=8)
+    cfg.train = dataclasses.replace(cfg.train, optimizer="sgd", lr=0.05, momentum=0.9, weight_decay=1e-4, epochs=10)
     cfg.method = dataclasses.replace(cfg.method, name="mla")
+    cfg.method.mla = dataclasses.replace(cfg.method.mla, encoders="resnet18", resnet_width=16)
     return cfg
 
 
@@ -765,6 +779,18 @@ def mla_cremad() -> Config:
     )  # fmt: skip
     cfg.method = dataclasses.replace(cfg.method, name="mla")
     cfg.method.mla = dataclasses.replace(cfg.method.mla, encoders="resnet18")
+    return cfg
+
+
+def mla_cavmae_cremad() -> Config:
+    """MLA on CREMA-D with fastav's CAV-MAE audio and video branches (768-d, one shared head as the paper's
+    transformer setups) instead of the ResNet-18 pair: model.init names a CAV-MAE checkpoint; CAV-MAE's one frame
+    at 224 px; the optimiser and schedule of mla_cremad."""
+    cfg = mla_cremad()
+    cfg.recipe = "mla_cavmae_cremad"
+    cfg.model = cavmae_base().model
+    cfg.data = dataclasses.replace(cfg.data, sampling="cavmae", num_frames=1)
+    cfg.method.mla = dataclasses.replace(cfg.method.mla, encoders="backbone")
     return cfg
 
 
@@ -822,6 +848,7 @@ RECIPES: dict[str, Callable[[], Config]] = {
     "debug_finetune": debug_finetune,
     "debug_mla": debug_mla,
     "mla_cremad": mla_cremad,
+    "mla_cavmae_cremad": mla_cavmae_cremad,
     "stella_probe_vggsound": stella_probe_vggsound,
     "cavmae_ft_vggsound": cavmae_ft_vggsound,
     "cavmae_ft_as20k": cavmae_ft_as20k,

@@ -7,7 +7,8 @@
     deepspeed --hostfile hosts --num_nodes 2 --num_gpus 8 launch/continual.py ...          # several nodes
 
 The tasks of the dataset (``continual.task_order`` or the manifest's order), ``continual.epochs_per_task``
-epochs each, with the method ``method.name`` (finetune, multitask, er, derpp, lump); retrieval on the whole
+epochs each, with the method ``method.name`` (finetune, multitask, er, derpp, lump, stella, stella_plus; STELLA's
+AVM comes from ``launch/avm.py`` through ``method.stella.avm_init``); retrieval on the whole
 retrieval set after every task, a checkpoint at every task end (kept), and at the end ``report.json``,
 ``report.md`` and plots in ``train.run_dir``. Resume with ``train.resume=auto``.
 """

@@ -27,6 +27,14 @@ if ! "$venv/bin/python" -c 'import deepspeed, sys; sys.exit(deepspeed.__version_
   "${pip[@]}" install -q ninja packaging psutil py-cpuinfo hjson msgpack einops "pydantic>=2"
   "${pip[@]}" install -q --no-build-isolation deepspeed==0.19.8
 fi
+if ! "$venv/bin/python" -c 'import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)' 2>/dev/null; then
+  # DeepSpeed's CPU accelerator compiles a shared-memory communication op (C++, ninja) the first time a process
+  # group starts and caches it in ~/.cache/torch_extensions: about a minute that the first `deepspeed` launch on
+  # this machine would otherwise spend before its first step. Build it now.
+  step "DeepSpeed's CPU communication op (compiled once, cached in ${TORCH_EXTENSIONS_DIR:-~/.cache/torch_extensions})"
+  DS_ACCELERATOR=cpu "$venv/bin/python" -c 'import logging; logging.getLogger("torch.utils.cpp_extension").setLevel(40)
+from deepspeed.comm.torch import build_shm_op; build_shm_op()' >/dev/null
+fi
 step "fastav (editable) with DALI, webdataset, PyAV, numpy 2.3, matplotlib, tensorboard, ruff, pytest"
 # compat mode: a plain path entry, so every top-level package of the checkout (fastav, kernels, shards) imports
 "${pip[@]}" install -q -e ".[dev]" --config-settings editable_mode=compat

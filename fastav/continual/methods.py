@@ -79,6 +79,8 @@ class ReplayMethod(AVMethod):
 
     extra_fields: ClassVar[dict[str, str]] = {}
     """Stored per clip besides the clip itself: field name -> 'embedding' (a (D,) fp32 vector)."""
+    memory_layout: ClassVar[str] = "uint8 frames, bf16 fbank"
+    """How an entry is stored, for the start-up line."""
 
     def __init__(self, cfg: Config, model: AVMAE, *, rank: int = 0, world_size: int = 1) -> None:
         super().__init__(cfg, model)
@@ -189,5 +191,7 @@ class LUMP(ReplayMethod):
         return StepOutput(out.loss, self.terms(out, lump_lambda=lam))
 
 
-METHODS: dict[str, type[AVMethod]] = {m.name: m for m in (Finetune, Multitask, ER, DERpp, LUMP)}
+from fastav.continual.stella import STELLA_METHODS  # noqa: E402 (its classes build on ReplayMethod above)
+
+METHODS: dict[str, type[AVMethod]] = {m.name: m for m in (Finetune, Multitask, ER, DERpp, LUMP, *STELLA_METHODS)}
 """``method.name`` -> class."""

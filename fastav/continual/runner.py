@@ -76,9 +76,10 @@ def setup(cfg: Config) -> Run:
     if isinstance(method, ReplayMethod) and dist.rank == 0:
         per_clip = method.bytes_per_clip()
         log.info(
-            "replay memory: %d clips per process x %d process(es), %.2f MB per clip (uint8 frames, bf16 fbank), "
-            "%.1f MB per process on %s",
-            method.capacity, dist.world_size, per_clip / 1e6, per_clip * method.capacity / 1e6, dist.device,
+            "replay memory: %d clips per process x %d process(es), %d bytes (%.2f MB) per clip (%s), %.1f MB per "
+            "process on %s",
+            method.capacity, dist.world_size, per_clip, per_clip / 1e6, method.memory_layout,
+            per_clip * method.capacity / 1e6, dist.device,
         )  # fmt: skip
     return Run(cfg, dist, run_dir, method)
 
@@ -111,7 +112,9 @@ def _train_loader(run: Run):
 def pretrain(cfg: Config, *, evaluate: bool = False) -> RunResult:
     """One stage of ``train.epochs`` epochs over the pre-training task (or every task)."""
     if cfg.method.name != "finetune":
-        raise ConfigError(f"method.name: got {cfg.method.name!r}; accepted: 'finetune' for pre-training")
+        log.info("pre-training trains the plain MAE + InfoNCE objective; method.name=%s is for launch/continual.py",
+                 cfg.method.name)  # fmt: skip
+        cfg.method.name = "finetune"
     run = setup(cfg)
     tasks = dataset_tasks(cfg, "pretrain") or dataset_tasks(cfg, "continual")
     stage = Stage(0, "pretrain", cfg.train.epochs, tuple(tasks))

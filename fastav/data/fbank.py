@@ -21,19 +21,21 @@ Shapes: wave_BN (B, N) float32 padded with anything past ``lengths_B``; output (
 from __future__ import annotations
 
 import math
-from functools import lru_cache
 
 import torch
 from torch import Tensor
+from torch._subclasses.fake_tensor import is_fake
 
 
 def _mel(freq: Tensor) -> Tensor:
     return 1127.0 * torch.log(1.0 + freq / 700.0)
 
 
-@lru_cache(maxsize=16)
-def _mel_banks_cpu(num_bins: int, n_fft: int, sample_rate: float, low_freq: float, high_freq: float) -> Tensor:
-    """Kaldi's triangular mel filters, (num_bins, n_fft // 2 + 1) float32 with the Nyquist column 0."""
+def _build_mel_banks(
+    num_bins: int, n_fft: int, sample_rate: float, low_freq: float, high_freq: float, device: torch.device
+) -> Tensor:
+    """Kaldi's triangular mel filters, (num_bins, n_fft // 2 + 1) float32 with the Nyquist column 0, built with
+    torch ops on ``device`` (Python scalars and device tensors only: nothing is copied from the host)."""
     nyquist = 0.5 * sample_rate
     if high_freq <= 0.0:
         high_freq += nyquist
@@ -41,19 +43,31 @@ def _mel_banks_cpu(num_bins: int, n_fft: int, sample_rate: float, low_freq: floa
         raise ValueError(f"mel range {low_freq}-{high_freq} Hz must lie within 0-{nyquist} Hz")
     mel_low, mel_high = (1127.0 * math.log(1.0 + f / 700.0) for f in (low_freq, high_freq))
     delta = (mel_high - mel_low) / (num_bins + 1)
-    b = torch.arange(num_bins, dtype=torch.float32).unsqueeze(1)
+    b = torch.arange(num_bins, dtype=torch.float32, device=device).unsqueeze(1)
     left, center, right = mel_low + b * delta, mel_low + (b + 1.0) * delta, mel_low + (b + 2.0) * delta
-    mel = _mel((sample_rate / n_fft) * torch.arange(n_fft // 2, dtype=torch.float32)).unsqueeze(0)
+    freqs = (sample_rate / n_fft) * torch.arange(n_fft // 2, dtype=torch.float32, device=device)
+    mel = _mel(freqs).unsqueeze(0)
     up = (mel - left) / (center - left)
     down = (right - mel) / (right - center)
     banks = torch.clamp(torch.minimum(up, down), min=0.0)
     return torch.nn.functional.pad(banks, (0, 1))
 
 
+_BANKS: dict[tuple, Tensor] = {}
+
+
 def mel_banks(
     num_bins: int, n_fft: int, sample_rate: float, device: torch.device, low_freq: float = 20.0, high_freq: float = 0.0
 ) -> Tensor:
-    return _mel_banks_cpu(num_bins, n_fft, float(sample_rate), float(low_freq), float(high_freq)).to(device)
+    """The mel filters on ``device``: built there on first use, then kept per device and parameters, so a batch
+    neither copies them from the host (a blocking copy that synchronises the stream) nor rebuilds them."""
+    key = (num_bins, n_fft, float(sample_rate), float(low_freq), float(high_freq), torch.device(device))
+    banks = _BANKS.get(key)
+    if banks is None:
+        banks = _build_mel_banks(*key[:5], key[5])
+        if not is_fake(banks):  # never keep a tracing placeholder (FakeTensorMode, torch.compile) for real batches
+            _BANKS[key] = banks
+    return banks
 
 
 def kaldi_fbank(

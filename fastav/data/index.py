@@ -66,6 +66,15 @@ class ShardIndex:
     def __len__(self) -> int:
         return len(self.keys)
 
+    def select(self, positions: np.ndarray) -> None:
+        """Keep only the samples at ``positions`` (in that order); positions are renumbered from 0."""
+        positions = np.asarray(positions, dtype=np.int64)
+        if positions.size == 0:
+            raise SampleError(f"{self.root}: no sample left after selecting a subset of the split")
+        self.shard_of = self.shard_of[positions]
+        self.locs = self.locs[positions]
+        self.keys = [self.keys[i] for i in positions]
+
     def where(self, i: int) -> str:
         return f"{self.tars[self.shard_of[i]]} key {self.keys[i]}"
 
@@ -111,6 +120,17 @@ class ShardIndex:
         if meta["num_frames"] <= 0:
             raise SampleError(f"{self.where(i)}: metadata says the video has no frames")
         return Fetched(views[0], views[1], meta)
+
+
+def holdout(n: int, fraction: float) -> tuple[np.ndarray, np.ndarray]:
+    """Positions ``(kept, held_out)`` of ``n`` samples, ``round(fraction * n)`` of them held out (at least one, at
+    most ``n - 1``; none when ``fraction`` is 0), both sorted. A fixed draw that depends on ``n`` alone, so every
+    run over the same samples holds out the same ones whatever its seed (the validation split of fine-tuning)."""
+    if fraction <= 0:
+        return np.arange(n), np.arange(0)
+    count = min(max(1, round(fraction * n)), n - 1)
+    perm = np.random.default_rng([n, 0x7A1]).permutation(n)
+    return np.sort(perm[count:]), np.sort(perm[:count])
 
 
 class SampleStream:

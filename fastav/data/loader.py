@@ -8,7 +8,8 @@ Stages, in order:
    (CAV-MAE or STELLA rule), the crop box and the augmentation numbers are drawn from an RNG seeded by the
    sample's stream position. A bad sample is skipped, counted and logged at a limited rate, and the next one
    takes its place. At this point we have encoded bytes plus small per-sample arrays.
-2. **DALI** (``fn.external_source`` -> ``fn.decoders.video`` (``mixed``, NVDEC, or ``cpu`` for VP9) with the
+2. **DALI** (``fn.external_source`` -> ``fn.decoders.video`` (``mixed``, NVDEC, or ``cpu`` for VP9: without a
+   GPU, or on one for VP9 frames below NVDEC's 128 px minimum, :func:`video_decoder`) with the
    per-sample frame list -> ``fn.crop`` -> ``fn.resize`` -> ``fn.crop_mirror_normalize``; ``fn.decoders.audio``
    on CPU threads -> trimmed and zero-padded to a fixed length). At this point we have (B, T, 3, S, S) ImageNet-
    normalised frames and (B, N) waveforms with their lengths, on the device.
@@ -42,7 +43,7 @@ from torch import Tensor
 from fastav.config import Config
 from fastav.data.augment import draw_aug, mix_inputs, multi_hot, noise_and_roll, smooth_and_mix_labels, spec_augment
 from fastav.data.fbank import kaldi_fbank, normalize_fbank
-from fastav.data.index import SampleError, SampleStream, ShardIndex
+from fastav.data.index import SampleError, SampleStream, ShardIndex, holdout
 from fastav.data.sampling import MULTI_FRAMES, cavmae_frames, center_crop, multiscale_crop, stella_frames
 from fastav.log import RateLimited, get_logger
 from shards.manifest import load_manifest
@@ -52,6 +53,11 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 SUPPORTED = {"audio_format": ("flac", "wav"), "audio_channels": 1, "sample_rate": 16000, "video_codec": ("vp9", "h264")}
 MIN_SEEN_FOR_SKIP_CHECK = 100
+NVDEC_MIN_SIDE = {"vp9": 128, "h264": 48}
+"""Smallest frame side NVDEC decodes per codec (NVIDIA's Video Codec SDK decoder limits: VP9 128 x 128, H.264
+48 x 16); DALI's mixed decoder refuses smaller streams (it checks the decoder capabilities)."""
+CPU_DECODABLE = ("vp9",)
+"""Codecs DALI's CPU video decoder takes (its FFmpeg build has no H.264 decoder)."""
 _OUTPUTS = ("mp4", "audio", "frames", "crop_h", "crop_w", "pos_y", "pos_x", "aug", "labels", "task", "index", "valid")
 
 log = get_logger("fastav.data")
@@ -73,6 +79,33 @@ class _Fed:
     """How many samples (good or skipped) reading this batch counted as seen."""
 
 
+_told: set[str] = set()
+
+
+def video_decoder(codec: str, frame_size: int, gpu: bool) -> str:
+    """Where DALI decodes the video: "mixed" (NVDEC) on a GPU, else "cpu". Frames below NVDEC's minimum for the
+    codec are decoded on the CPU threads (``data.num_threads``) and the rest of the pipeline stays on the GPU,
+    said once per process; a codec the CPU decoder lacks is refused."""
+    if not gpu:
+        return "cpu"
+    minimum = NVDEC_MIN_SIDE.get(codec, 0)
+    if frame_size >= minimum:
+        return "mixed"
+    if codec not in CPU_DECODABLE:
+        raise DataError(
+            f"{codec} frames of {frame_size} px are below NVDEC's minimum of {minimum} px, and DALI's CPU decoder "
+            f"cannot decode {codec}; rebuild the shards at {minimum} px or more, or with --codec vp9"
+        )
+    message = (
+        f"{codec} frames of {frame_size} px are below NVDEC's minimum of {minimum} x {minimum}: decoding them on "
+        f"the CPU (data.num_threads threads); crop, resize and normalisation still run on the GPU"
+    )
+    if message not in _told:
+        _told.add(message)
+        log.warning(message)
+    return "cpu"
+
+
 def resolve_device(setting: str) -> torch.device:
     if setting == "gpu" or (setting == "auto" and torch.cuda.is_available()):
         if not torch.cuda.is_available():
@@ -87,7 +120,9 @@ class AVLoader:
     ``for batch in loader`` yields one epoch (``len(loader)`` batches) from where the loader stands; iterate
     again for the next epoch. Training (``train=True``, the default for the 'train' split) shuffles per epoch,
     augments, and gives every rank ``len(loader)`` full batches. Evaluation reads every sample of the split
-    exactly once over all ranks in a fixed order; padding slots of the last batch have ``valid`` False.
+    exactly once over all ranks in a fixed order; padding slots of the last batch have ``valid`` False. With
+    ``data.val_fraction`` > 0, 'val' reads the held-out part of the training split (evaluation mode) and 'train'
+    the rest (:func:`fastav.data.index.holdout`).
     """
 
     def __init__(
@@ -117,7 +152,11 @@ class AVLoader:
                 f"DALI decodes only on a GPU; rebuild them with --codec vp9 to read them on this machine"
             )
         self.batch_size = batch_size or (cfg.data.batch_size if self.train else cfg.eval.batch_size)
-        self.index = ShardIndex(self.root, self.manifest, split, tasks)
+        # 'val' is the part of the training split that data.val_fraction holds out; 'train' is then the rest
+        self.index = ShardIndex(self.root, self.manifest, "train" if split == "val" else split, tasks)
+        if split in ("train", "val") and cfg.data.val_fraction > 0:
+            kept, held = holdout(len(self.index), cfg.data.val_fraction)
+            self.index.select(held if split == "val" else kept)
         self.stream = SampleStream(
             len(self.index),
             rank=rank,
@@ -136,6 +175,7 @@ class AVLoader:
         self.task_ids = {t["name"]: i for i, t in enumerate(self.manifest["tasks"])}
         self.num_classes = len(self.manifest["classes"])
         self.frame_size = int(pre["frame_size"])
+        self.video_decode_device = video_decoder(pre["video_codec"], self.frame_size, self.device.type == "cuda")
         self.num_frames = MULTI_FRAMES if self.multi_frame else cfg.data.num_frames
         hop, win = 160, 400
         self.max_samples = (cfg.data.target_length - 1) * hop + win
@@ -271,7 +311,9 @@ class AVLoader:
             mp4, audio, frames, ch, cw, py, px, aug, labels, task, index, valid = fn.external_source(
                 source=self._source, num_outputs=len(_OUTPUTS), batch=True, dtype=dtypes
             )
-            video = fn.decoders.video(mp4, device="mixed" if gpu else "cpu", frames=frames)
+            video = fn.decoders.video(mp4, device=self.video_decode_device, frames=frames)
+            if gpu and self.video_decode_device == "cpu":
+                video = video.gpu()  # frames too small for NVDEC: the pixel work still runs on the GPU
             video = fn.crop(video, crop_h=ch, crop_w=cw, crop_pos_y=py, crop_pos_x=px)
             video = fn.resize(video, resize_x=size, resize_y=size, interp_type=interp, antialias=True)
             video = fn.crop_mirror_normalize(
@@ -441,5 +483,5 @@ class AVLoader:
 
 
 def build_loader(cfg: Config, split: str, **kwargs: Any) -> AVLoader:
-    """The loader of ``split`` ('train', 'test' or 'retrieval'); see :class:`AVLoader` for the arguments."""
+    """The loader of ``split`` ('train', 'val', 'test' or 'retrieval'); see :class:`AVLoader` for the arguments."""
     return AVLoader(cfg, split, **kwargs)

@@ -17,12 +17,13 @@ other number of the clip stay as they are. The weak modality alone can then be r
 
 Splits: 'train' holds clips ``0 .. N-1`` (``N = data.synthetic_clips``); 'test' and 'retrieval' the held-out clips
 ``N .. 2N-1``. With ``data.val_fraction`` > 0, 'val' is a fixed part of the training clips
-(:func:`fastav.data.index.holdout`) and 'train' the rest. Class ``c`` belongs to task ``c * T // C`` (``T = data.synthetic_tasks``), named ``task0``,
-``task1`` ...; a loader can be restricted to some tasks. The order of the clips comes from the same
-:class:`~fastav.data.index.SampleStream` the shard loader uses (a permutation per epoch, interleaved rank
-slices, two integers of state), and the loader follows :class:`fastav.data.AVLoader`'s protocol: ``for batch in
-loader`` yields the rest of the current epoch, ``len`` is the batches per epoch, ``epoch`` the current epoch,
-``state_dict`` / ``load_state_dict`` the position; evaluation batches pad the last batch with ``valid`` False.
+(:func:`fastav.data.index.holdout`) and 'train' the rest. Class ``c`` belongs to task ``c * T // C`` (``T =
+data.synthetic_tasks``), named ``task0``, ``task1`` ...; a loader can be restricted to some tasks. The order of the
+clips comes from the same :class:`~fastav.data.index.SampleStream` the shard loader uses (a permutation per epoch,
+interleaved rank slices, two integers of state), and the loader follows :class:`fastav.data.AVLoader`'s protocol:
+``for batch in loader`` yields the rest of the current epoch, ``len`` is the batches per epoch, ``epoch`` the
+current epoch, ``state_dict`` / ``load_state_dict`` the position; evaluation batches pad the last batch with
+``valid`` False.
 
 Shape suffixes: B batch, T frames (video) or fbank frames (audio), F mel bins, H/W pixels, C classes.
 """

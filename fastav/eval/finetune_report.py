@@ -141,7 +141,8 @@ def plot_scores(report: Mapping[str, Any], out_dir: Path) -> list[Path]:
         fig, ax = plt.subplots(figsize=(7, 4))
         x = [e["epoch"] for e in epochs]
         for name in outputs_of(epochs[0][split]):
-            ax.plot(x, [e[split].get(name) for e in epochs], marker="o", label=name, lw=2.2 if name == "fused" else 1.4)
+            style = {"lw": 2.4, "zorder": 3} if name == "fused" else {"lw": 1.4, "ls": "--" if "fused" in name else "-"}
+            ax.plot(x, [e[split].get(name) for e in epochs], marker="o", label=name, **style)
         if split == "val" and chosen is not None:
             ax.axvline(chosen, color="grey", ls="--", lw=1, label=f"selected (epoch {chosen})")
         ax.set_xlabel("epoch")

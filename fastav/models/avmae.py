@@ -421,13 +421,35 @@ class AVMAE(nn.Module):
     ) -> PretrainOutput:
         """One pre-training forward pass with freshly drawn masks (torch's global RNG)."""
         self.grid.check_inputs(fbank_BTF, video_BTCHW)
-        B, p, device = fbank_BTF.shape[0], self.grid.patch, fbank_BTF.device
+        p = self.grid.patch
         patches_a = patchify_audio(fbank_BTF, p)
         patches_v = patchify_video(video_BTCHW, p)
         if sel_a_BK is not None:
             patches_a = gather_tokens(patches_a, sel_a_BK)
         if sel_v_BK is not None:
             patches_v = gather_tokens(patches_v, sel_v_BK)
+        return self.forward_patches(patches_a, patches_v, sel_a_BK=sel_a_BK, sel_v_BK=sel_v_BK)
+
+    def forward_patches(
+        self,
+        patches_a_BKP: Tensor,
+        patches_v_BKP: Tensor,
+        *,
+        sel_a_BK: Tensor | None = None,
+        sel_v_BK: Tensor | None = None,
+    ) -> PretrainOutput:
+        """:meth:`forward` on patch vectors already cut out: every patch of the grid in order (``sel`` None), or the
+        patches at grid positions ``sel_*_BK`` (STELLA's selection gathered by ``kernels.gather_*_patches``, or
+        STELLA+'s stored patches)."""
+        for name, patches, sel, total, dim in (
+            ("a", patches_a_BKP, sel_a_BK, self.grid.audio_tokens, self.grid.audio_patch_dim),
+            ("v", patches_v_BKP, sel_v_BK, self.grid.video_tokens, self.grid.video_patch_dim),
+        ):
+            want = (total if sel is None else sel.shape[1], dim)
+            if tuple(patches.shape[1:]) != want:
+                raise ValueError(f"patches_{name}: got {tuple(patches.shape)}, expected (B, {want[0]}, {want[1]})")
+        B, device = patches_a_BKP.shape[0], patches_a_BKP.device
+        patches_a, patches_v = patches_a_BKP, patches_v_BKP
         plan_a = self.plan_mask("a", B, device, sel_a_BK)
         plan_v = self.plan_mask("v", B, device, sel_v_BK)
         enc = self.encoder.encode_masked(patches_a, plan_a, patches_v, plan_v)

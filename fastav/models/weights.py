@@ -333,6 +333,24 @@ def load_stella(model: nn.Module, source: Source, *, avm: nn.Module | None = Non
     return report
 
 
+def load_avm(avm: nn.Module, source: Source, *, strict: bool = True) -> LoadReport:
+    """STELLA's AVM alone: from a fastav file (the ``avm.safetensors`` a run writes) or from the
+    ``avmatching_module.*`` keys of an official STELLA / FLAVA checkpoint (the backbone keys there are ignored)."""
+    if not isinstance(source, Mapping) and Path(source).suffix == ".safetensors":
+        return load_weights(avm, source, strict=strict)
+    raw, name = read_state_dict(source)
+    avm_sd, _, prefix = _strip(raw, STELLA_AVM_PREFIXES)
+    if not prefix:
+        prefixes = " or ".join(STELLA_AVM_PREFIXES)
+        raise CheckpointError(f"{name}: no AVM in this checkpoint (no key starts with {prefixes})")
+    tensors = _check_plain(avm, avm_sd, source=name, prefix=prefix, strict=strict)
+    _load_into(avm, tensors)
+    report = LoadReport(name, "stella-avm", loaded=list(tensors))
+    report.missing = [k for k in avm.state_dict() if k not in tensors]
+    report.unexpected = [prefix + k for k in avm_sd if k not in tensors]
+    return report
+
+
 def export_stella(model: nn.Module, avm: nn.Module | None = None) -> dict[str, Tensor]:
     """A STELLA-layout state dict (``module.backbone.transformer.`` / ``module.avmatching_module.`` keys)."""
     out = _export(model, "stella", STELLA_BACKBONE_PREFIXES[0])

@@ -357,10 +357,11 @@ class Engine:
 
         ``groups``: step only the parameter groups with these ``"name"`` s (all when None). The others are left
         out of the update, so their parameters get no momentum, moment or weight-decay change (MLA's resting
-        encoder). Leaving out a parameter without a gradient is not enough: under ZeRO-1/2 and DeepSpeed's bf16
-        optimizer every group is one flat fp32 partition whose gradient always exists (zeros where nothing
-        flowed), so the group itself is emptied for the duration of the step. DeepSpeed keeps the optimizer's
-        group dicts and steps them in place, which is what makes this hold on every path.
+        encoder). Relying on "no gradient, no update" is not enough: DeepSpeed's gradient reduction gives every
+        parameter without a gradient a zero one, and under ZeRO-1/2 and DeepSpeed's bf16 optimizer every group is
+        one flat fp32 partition whose gradient always exists. So the group itself is emptied for the duration of
+        the step; DeepSpeed keeps the optimizer's group dicts and steps them in place, which makes this hold on
+        every path.
         """
         self._before_optimizer_step()
         held: list[tuple[dict[str, Any], list[Tensor]]] = []

@@ -61,6 +61,11 @@ class Stage:
     keep_checkpoint: bool = True
     """Pin the checkpoint written at the stage's end (never pruned by train.keep_checkpoints); False for stages
     as short as one fine-tuning epoch, whose end checkpoints are then pruned like step checkpoints."""
+    loader_continues: bool = False
+    """The next stage reads on from this stage's loader (``make_loader`` returns a view of the same one, as
+    fine-tuning's one-epoch stages do), so the checkpoint at this stage's end stores the loader's position and a
+    run resumed there continues with the batches it would have seen. False: the next stage starts a new loader (a
+    continual task)."""
 
 
 class Method(nn.Module):

@@ -191,7 +191,7 @@ class Trainer:
                 self.method.on_stage_start(stage)
                 if self._train_stage(stage, loader, stages):
                     break  # train.max_steps inside the stage
-                self._finish_stage(stage)
+                self._finish_stage(stage, loader)
             self.result.finished = self.stage_index >= len(stages)
             self.result.weights = self._save_weights()
         finally:
@@ -242,7 +242,7 @@ class Trainer:
             bar.close()
         return False
 
-    def _finish_stage(self, stage: Stage) -> None:
+    def _finish_stage(self, stage: Stage, loader: Loader) -> None:
         self.method.on_stage_end(stage)
         record: dict[str, Any] = {"stage": stage.index, "name": stage.name, "step": self.step}
         if self.evaluate is not None:
@@ -251,7 +251,7 @@ class Trainer:
                 self.logger.log(self.step, {"stage": stage.name, **_flat(record["eval"])}, tag="eval")
         self.stage_results.append(record)
         self.stage_index = stage.index + 1
-        self._checkpoint(None, None, pinned=stage.keep_checkpoint)
+        self._checkpoint(None, loader if stage.loader_continues else None, pinned=stage.keep_checkpoint)
 
     def _clips_per_batch(self, loader: Loader) -> int:
         size = getattr(loader, "batch_size", self.cfg.data.batch_size)
