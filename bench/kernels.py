@@ -15,7 +15,15 @@ directions) at least 5x faster and with at least 10x less peak memory than ``ste
 
 Prints a table, then one JSON line last. ``--quick`` uses small batches (seconds on 2 CPU cores).
 
+``--compile`` needs no GPU: it compiles every candidate config of every kernel for sm_90 (H100 / H200) with the
+arguments a STELLA step passes at ``--batch`` (``kernels/aot.py``) and prints, per config, registers, spilled and
+stack bytes, shared memory, tensor-core MMAs, the shuffles, shared stores and barriers of one main-loop iteration
+(SASS) and the compile time, then the JSON line with every row (whole-kernel counts too) and the problems found
+(spills, shared memory, no tensor cores, barriers per iteration); exit status 1 when there is one.
+
 Usage: python bench/kernels.py [--quick] [--dtype bf16|fp32] [--ops importance,gather_video,...]
+       python bench/kernels.py --batch 48   (one batch size only)
+       python bench/kernels.py --compile [--batch 48]   (without TRITON_INTERPRET)
 """
 
 from __future__ import annotations
@@ -229,17 +237,55 @@ def _git_sha() -> str | None:
         return None
 
 
+def compile_report(batch: int) -> dict:
+    """Every kernel config compiled for sm_90 at STELLA's sizes: the table, then the JSON line (see the docstring)."""
+    import importlib
+
+    from kernels import _utils, aot
+
+    if _utils.is_interpreted(importlib.import_module("kernels.attention_importance")._row_stats.kernel):
+        raise SystemExit("--compile needs the kernels compiled, not interpreted: run without TRITON_INTERPRET=1")
+    start = time.perf_counter()
+    results = aot.compile_all(aot.stella_launches(batch))
+    print(aot.format_table(results))
+    problems = aot.problems(results)
+    for line in problems:
+        print(f"PROBLEM {line}")
+    result = {
+        "bench": "kernels-compile",
+        "target": "sm_90",
+        "batch": batch,
+        "configs": len(results),
+        "compile_s_total": round(sum(r.seconds for r in results), 1),
+        "wall_s": round(time.perf_counter() - start, 1),
+        "git_sha": _git_sha(),
+        "rows": [r.row() for r in results],
+        "problems": problems,
+    }
+    print(json.dumps(result))
+    return result
+
+
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--compile", action="store_true", help="compile every config for sm_90 and report (no GPU)")
+    p.add_argument("--batch", type=int, default=None, help="one batch size (current samples; as many replayed)")
     p.add_argument("--quick", action="store_true", help="small batches (CPU: a few seconds on 2 cores)")
     p.add_argument("--dtype", choices=["bf16", "fp32"], default=None, help="default: bf16 on GPU, fp32 on CPU")
     p.add_argument("--ops", default=",".join(SETUPS), help=f"comma-separated subset of {','.join(SETUPS)}")
     args = p.parse_args(argv)
+    if args.compile:
+        result = compile_report(args.batch or 48)
+        if result["problems"]:
+            raise SystemExit(1)
+        return result
 
     cuda = torch.cuda.is_available()
     device = "cuda" if cuda else "cpu"
     dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[args.dtype or ("bf16" if cuda else "fp32")]
-    if cuda:
+    if args.batch:
+        batches = [args.batch]
+    elif cuda:
         batches = [12] if args.quick else [12, 48]  # per-GPU batch, and STELLA's total batch (the acceptance)
     else:
         batches = [2] if args.quick else [12]
@@ -289,6 +335,7 @@ def main(argv: list[str] | None = None) -> dict:
         "dtype": str(dtype).removeprefix("torch."),
         "quick": args.quick,
         "memory": "cuda.max_memory_allocated" if cuda else "live bytes of created tensors (dispatch mode)",
+        "kernel_tuning": kernels.get_tuning(),
         "torch": torch.__version__,
         "git_sha": _git_sha(),
         "rows": rows,

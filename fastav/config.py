@@ -204,6 +204,11 @@ class ModelConfig:
     gather_negatives: bool = True
     """InfoNCE negatives from every data-parallel rank (STELLA) instead of the local batch only (CAV-MAE's
     DataParallel sub-batches)."""
+    gather_grad: bool = False
+    """With gather_negatives: the InfoNCE gradient of the gathered rows goes back to the ranks that hold them, so
+    data-parallel training follows the gradient of one InfoNCE over the gathered batch. Off (STELLA), each rank
+    back-propagates its own rows only: the push of the other ranks' anchors is lost and a rank's rows are pulled
+    together, which collapses the pooled features of a randomly initialised model."""
     avm_layout: Literal["standard", "official"] = "standard"
     """AVM output layout before token pooling: 'standard' (heads concatenated per token) or 'official'
     (STELLA's reshape without moving the head axis, needed to reproduce its released AVM weights)."""
@@ -510,8 +515,10 @@ class DistributedConfig:
     """ZeRO-Offload of optimizer states to host memory."""
     overlap_comm: bool = True
     """Overlap gradient reduction with the backward pass."""
-    reduce_bucket_size: int = 500_000_000
-    """Elements per gradient reduction bucket."""
+    reduce_bucket_size: int = 50_000_000
+    """Elements per gradient reduction bucket (ZeRO-1/2). DeepSpeed allocates two such buckets during the backward,
+    even on one process: at 5e8 (DeepSpeed's default) that is more memory than a 191 M-parameter model; 5e7 splits
+    the model into a few buckets, which also lets the reduction overlap the backward."""
     timeout_minutes: int = 30
     """Timeout of collective operations (a rank waiting longer for the others fails instead of hanging)."""
 
@@ -662,7 +669,7 @@ def debug() -> Config:
 
 
 def cavmae_base() -> Config:
-    """CAV-MAE-Base pre-training on AudioSet-2M (cav_mae.md §3-5): 11+1 layers, 1 frame, batch 4x12."""
+    """CAV-MAE-Base pre-training on AudioSet-2M (docs/methods/cav_mae.md): 11+1 layers, 1 frame, batch 4x12."""
     cfg = base()
     cfg.recipe = "cavmae_base"
     cfg.data = dataclasses.replace(cfg.data, sampling="cavmae", num_frames=1)
@@ -712,8 +719,42 @@ def debug_cavmae() -> Config:
     return cfg
 
 
+def debug_scratch() -> Config:
+    """``debug`` for a randomly initialised model (no released or ImageNet weights), the first stage of the demo:
+    the InfoNCE gradient reaches every rank (gather_grad), weight 1.0 and temperature 0.2 move the pooled features
+    apart instead of first pulling them together, lr 3e-4, 24 epochs (312 steps of 2 x 8 default synthetic clips)."""
+    cfg = debug()
+    cfg.recipe = "debug_scratch"
+    cfg.model = dataclasses.replace(cfg.model, gather_grad=True, contrastive_weight=1.0, contrastive_tau=0.2)
+    cfg.train = dataclasses.replace(cfg.train, lr=3e-4, epochs=24)
+    return cfg
+
+
+def demo_pretrain() -> Config:
+    """``make demo``'s pre-training: ``debug_scratch`` on the synthetic dataset's pre-training classes, checkpoints
+    at the end only."""
+    cfg = debug_scratch()
+    cfg.recipe = "demo_pretrain"
+    cfg.train = dataclasses.replace(cfg.train, checkpoint_every=10**6, keep_checkpoints=1)
+    return cfg
+
+
+def demo() -> Config:
+    """``make demo``'s continual runs: the debug-size model with ``debug_scratch``'s objective (the start is a short
+    from-scratch pre-training, not released weights), 12 epochs per task, a memory of 2 x 64 clips, STELLA's AVM
+    pre-trained for 4 epochs."""
+    cfg = debug_scratch()
+    cfg.recipe = "demo"
+    cfg.continual = dataclasses.replace(cfg.continual, epochs_per_task=12)
+    cfg.method = dataclasses.replace(
+        cfg.method, memory_size=128, stella=dataclasses.replace(cfg.method.stella, avm_epochs=4)
+    )
+    cfg.train = dataclasses.replace(cfg.train, checkpoint_every=10**6, keep_checkpoints=1)
+    return cfg
+
+
 def stella_vggsound() -> Config:
-    """STELLA continual pre-training on the VGGSound 8-task sequence (stella.md §5)."""
+    """STELLA continual pre-training on the VGGSound 8-task sequence (docs/methods/stella.md)."""
     cfg = base()
     cfg.recipe = "stella_vggsound"
     cfg.method = dataclasses.replace(cfg.method, name="stella")
@@ -726,7 +767,7 @@ def stella_vggsound() -> Config:
 
 
 def stella_audioset() -> Config:
-    """STELLA continual pre-training on the AudioSet 7-task sequence (stella.md §5): batch 9 per GPU."""
+    """STELLA continual pre-training on the AudioSet 7-task sequence (docs/methods/stella.md): batch 9 per GPU."""
     cfg = base()
     cfg.recipe = "stella_audioset"
     cfg.method = dataclasses.replace(cfg.method, name="stella")
@@ -765,7 +806,7 @@ def debug_mla() -> Config:
 
 
 def mla_cremad() -> Config:
-    """MLA on CREMA-D as the paper (mla.md §1.1, §6): a ResNet-18 pair from scratch, 3 frames 1 s apart at 224 px,
+    """MLA on CREMA-D as the paper (docs/methods/mla.md): a ResNet-18 pair from scratch, 3 frames 1 s apart at 224 px,
     SGD lr 1e-3, momentum 0.9, weight decay 1e-4, lr x0.1 at epoch 70, 100 epochs, batch 64 on one GPU, fp32; a
     tenth of the training clips held out for selection (the official code selects on test)."""
     cfg = base()
@@ -795,8 +836,8 @@ def mla_cavmae_cremad() -> Config:
 
 
 def stella_probe_vggsound() -> Config:
-    """STELLA's downstream VGGSound classification (stella.md §6.2): its MLP head on the frozen backbone, AdamW 5e-4,
-    betas (0.95, 0.999), weight decay 5e-6, 2 warm-up epochs then cosine, 15 epochs, batch 12 x 4 GPUs,
+    """STELLA's downstream VGGSound classification (docs/methods/stella.md): its MLP head on the frozen backbone,
+    AdamW 5e-4, betas (0.95, 0.999), weight decay 5e-6, 2 warm-up epochs then cosine, 15 epochs, batch 12 x 4 GPUs,
     SpecAugment 48 / 192 and noise; model.init names the continual checkpoint."""
     cfg = stella_vggsound()
     cfg.recipe = "stella_probe_vggsound"
@@ -809,9 +850,9 @@ def stella_probe_vggsound() -> Config:
 
 
 def cavmae_ft_vggsound() -> Config:
-    """CAV-MAE's VGGSound fine-tuning (cav_mae.md §7): lr 1e-4 with the head at x10, lr halved every epoch from the
-    third, 10 epochs, batch 12 x 4 GPUs, SpecAugment 48 / 192, mixup 0.5, label smoothing 0.1, weights averaged over
-    epochs 3-10, predictions averaged over 10 frames."""
+    """CAV-MAE's VGGSound fine-tuning (docs/methods/cav_mae.md): lr 1e-4 with the head at x10, lr halved every epoch
+    from the third, 10 epochs, batch 12 x 4 GPUs, SpecAugment 48 / 192, mixup 0.5, label smoothing 0.1, weights
+    averaged over epochs 3-10, predictions averaged over 10 frames."""
     cfg = cavmae_base()
     cfg.recipe = "cavmae_ft_vggsound"
     cfg.data = dataclasses.replace(
@@ -826,8 +867,8 @@ def cavmae_ft_vggsound() -> Config:
 
 
 def cavmae_ft_as20k() -> Config:
-    """CAV-MAE's AudioSet-20K fine-tuning (cav_mae.md §7): multi-label (BCE, mAP), lr 5e-5 with the head at x100,
-    halved every epoch from the sixth, 15 epochs, batch 9 x 4 GPUs, weights averaged over epochs 3-15."""
+    """CAV-MAE's AudioSet-20K fine-tuning (docs/methods/cav_mae.md): multi-label (BCE, mAP), lr 5e-5 with the head at
+    x100, halved every epoch from the sixth, 15 epochs, batch 9 x 4 GPUs, weights averaged over epochs 3-15."""
     cfg = cavmae_ft_vggsound()
     cfg.recipe = "cavmae_ft_as20k"
     cfg.data = dataclasses.replace(cfg.data, batch_size=9)
@@ -842,6 +883,9 @@ RECIPES: dict[str, Callable[[], Config]] = {
     "base": base,
     "debug": debug,
     "debug_cavmae": debug_cavmae,
+    "debug_scratch": debug_scratch,
+    "demo_pretrain": demo_pretrain,
+    "demo": demo,
     "cavmae_base": cavmae_base,
     "stella_vggsound": stella_vggsound,
     "stella_audioset": stella_audioset,

@@ -91,12 +91,15 @@ class MetricLogger:
 
             self._tb = SummaryWriter(log_dir=str(self.run_dir / "tensorboard"))
 
-    def log(self, step: int, values: Mapping[str, Any], *, tag: str = "train") -> dict[str, Any]:
+    def log(
+        self, step: int, values: Mapping[str, Any], *, tag: str = "train", console: str | None = None
+    ) -> dict[str, Any]:
+        """Append one record; ``console`` replaces the printed line (every value by default)."""
         record: dict[str, Any] = {"tag": tag, "step": int(step), "time": round(time.monotonic() - self._start, 3)}
         record.update({k: _scalar(v) for k, v in values.items()})
         self._file.write(json.dumps(record, allow_nan=True) + "\n")
         if self._console:
-            self._logger.info("%s step %d | %s", tag, step, _format_values(record))
+            self._logger.info("%s step %d | %s", tag, step, console or _format_values(record))
         if self._tb is not None:
             for key, value in record.items():
                 if key not in ("tag", "step", "time") and isinstance(value, int | float) and math.isfinite(value):

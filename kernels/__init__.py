@@ -11,15 +11,20 @@ Ops (canonical patch orders: video j = frame*Hp*Wp + row*Wp + col, patch flatten
 i = t*Fp + f, patch flattened (dt, df)):
 
 - ``attention_importance(q, k, scale, temperature)``: (B, Lk) mean over heads and queries of the key softmax,
-  flash-style, never holding the (B, H, Lq, Lk) map (stella.md §2).
+  flash-style, never holding the (B, H, Lq, Lk) map (docs/methods/stella.md).
 - ``pooled_query(q, weights, candidates)``: (B, H, D) importance-weighted mean query over a candidate set.
 - ``replay_correlation(q_past, q_cur, k, scale, candidates)``: (B, L) π = mean_h σ(<q_past − q_cur, k>·scale)
-  on candidates (stella.md §3.2).
+  on candidates (docs/methods/stella.md).
 - ``bernoulli_prune``, ``prune_weights``, ``weighted_sample``, ``topk_indices``, ``topk_mask``,
-  ``chunk_select``: the selection pieces (stella.md §4); ``select_video`` / ``select_audio``: a STELLA step's
+  ``chunk_select``: the selection pieces (docs/methods/stella.md); ``select_video`` / ``select_audio``: a STELLA step's
   selection (with ``deterministic=True`` for the first step).
 - ``gather_video_patches`` / ``gather_audio_patches``: the chosen patches straight from the (B, T, 3, H, W)
   video and the (B, 1024, 128) fbank.
+
+On a GPU each launcher picks its block sizes among a few candidates: tuned once per machine and kept on disk
+(``FASTAV_KERNEL_TUNING=cache``, the default; ``$FASTAV_TUNING_DIR``), so ranks and resumed runs launch the same
+config, or the first candidate untuned (``fixed``: tests; ``set_tuning`` / ``use_tuning``). ``kernels.aot`` compiles
+every candidate for sm_90 without a GPU (``python bench/kernels.py --compile``).
 
 Randomness comes from a device tensor ``rng = new_rng(seed, device)`` ([seed, offset], int64); call
 ``advance_rng(rng)`` once per step (in place, no sync) and give concurrent call sites different ``stream`` ids.
@@ -29,12 +34,16 @@ so either path selects the same patches for the same state, and neither reads a 
 
 from kernels._utils import (
     BACKENDS,
+    TUNING_MODES,
     advance_rng,
     get_backend,
+    get_tuning,
     new_rng,
     philox_uniform_ref,
     set_backend,
+    set_tuning,
     use_backend,
+    use_tuning,
 )
 from kernels.attention_importance import (
     attention_importance,
@@ -75,6 +84,7 @@ from kernels.weighted_sample import (
 
 __all__ = [
     "BACKENDS",
+    "TUNING_MODES",
     "advance_rng",
     "attention_importance",
     "attention_importance_ref",
@@ -93,6 +103,7 @@ __all__ = [
     "gather_video_patches_ref",
     "gather_video_patches_triton",
     "get_backend",
+    "get_tuning",
     "new_rng",
     "patchify_audio_ref",
     "patchify_video_ref",
@@ -111,11 +122,13 @@ __all__ = [
     "select_video",
     "select_video_ref",
     "set_backend",
+    "set_tuning",
     "topk_indices",
     "topk_indices_ref",
     "topk_indices_triton",
     "topk_mask",
     "use_backend",
+    "use_tuning",
     "weighted_sample",
     "weighted_sample_ref",
     "weighted_sample_triton",

@@ -12,9 +12,12 @@ Triton can run when the kernels were decorated under the interpreter (``TRITON_I
 comes from the environment variable ``FASTAV_KERNELS`` (auto | triton | ref); ``set_backend`` changes it for the
 process and ``use_backend`` for a ``with`` block (tests).
 
-Launch settings. On a GPU the host launchers choose block sizes with ``triton.autotune`` (configs below, keyed on
-the problem sizes). Under the interpreter autotuning would only re-run numpy simulations, so the launchers call the
-plain kernel with one fixed config sized for the interpreter (large tiles: fewer Python-level loop iterations).
+Launch settings. On a GPU the host launchers (``Launcher``) choose block sizes among a short list of candidates per
+kernel: benchmarked once per machine and tuning key, the winner kept on disk so that every rank and every resumed
+run launches the same config (``FASTAV_KERNEL_TUNING=cache``, the default), or the first candidate without any
+benchmark (``fixed``: tests, and runs that must match across machines). ``kernels.aot`` compiles every candidate
+for sm_90 in CI. Under the interpreter tuning would only re-run numpy simulations, so the launchers call the plain
+kernel with one fixed config sized for the interpreter (large tiles: fewer Python-level loop iterations).
 
 Randomness. Sampling kernels draw from Philox (``tl.philox``) keyed by a device tensor ``rng = [seed, offset]``
 (int64, shape (2,)): counter word 0 = flat element index, words 1-2 = ``offset`` (low, high), word 3 = a stream id
@@ -27,9 +30,14 @@ and, like the kernel, never reads ``rng`` on the host.
 from __future__ import annotations
 
 import contextlib
+import fcntl
+import hashlib
+import inspect
+import json
 import math
 import os
 from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -38,10 +46,19 @@ import triton.language as tl
 from triton.runtime.interpreter import InterpretedFunction
 
 BACKENDS = ("auto", "triton", "ref")
+TUNING_MODES = ("cache", "fixed")
 
-_backend = os.environ.get("FASTAV_KERNELS", "auto")
-if _backend not in BACKENDS:
-    raise ValueError(f"FASTAV_KERNELS={_backend!r}: expected one of {BACKENDS}")
+_backend: str | None = None  # None: not set in this process; the environment variable decides at first use
+_tuning: str | None = None
+
+
+def _from_env(variable: str, default: str, accepted: Sequence[str]) -> str:
+    """A setting's environment variable, checked when first used (a bad value fails the call that needs it, with a
+    message naming the variable; importing ``kernels`` never fails)."""
+    value = os.environ.get(variable, default)
+    if value not in accepted:
+        raise ValueError(f"{variable}={value!r}: expected one of {', '.join(accepted)} (or unset: {default})")
+    return value
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -58,8 +75,9 @@ def set_backend(name: str) -> None:
 
 
 def get_backend() -> str:
-    """The process-wide kernel backend ("auto", "triton" or "ref")."""
-    return _backend
+    """The process-wide kernel backend ("auto", "triton" or "ref"): the last ``set_backend``, else
+    ``$FASTAV_KERNELS``, else "auto"."""
+    return _backend if _backend is not None else _from_env("FASTAV_KERNELS", "auto", BACKENDS)
 
 
 @contextlib.contextmanager
@@ -116,31 +134,159 @@ def interp_block(n: int, cap: int, minimum: int = 1) -> int:
 
 
 def configs(space: Sequence[dict[str, int]], num_warps: Sequence[int] = (4,), num_stages: Sequence[int] = (2,)):
-    """Cartesian product of block-size dicts x warps x stages as ``triton.Config`` objects for ``triton.autotune``."""
+    """Cartesian product of block-size dicts x warps x stages as ``triton.Config`` objects (the first is the fixed
+    config of ``FASTAV_KERNEL_TUNING=fixed``, so list the preferred one first)."""
     return [
         triton.Config(dict(meta), num_warps=w, num_stages=s) for meta in space for w in num_warps for s in num_stages
     ]
 
 
+def set_tuning(mode: str) -> None:
+    """How GPU launchers pick a config: "cache" (benchmark once per machine, kept on disk) or "fixed" (first config)."""
+    global _tuning
+    if mode not in TUNING_MODES:
+        raise ValueError(f"tuning {mode!r}: expected one of {TUNING_MODES}")
+    _tuning = mode
+
+
+def get_tuning() -> str:
+    """The process-wide tuning mode ("cache" or "fixed"): the last ``set_tuning``, else ``$FASTAV_KERNEL_TUNING``,
+    else "cache"."""
+    return _tuning if _tuning is not None else _from_env("FASTAV_KERNEL_TUNING", "cache", TUNING_MODES)
+
+
+@contextlib.contextmanager
+def use_tuning(mode: str) -> Iterator[None]:
+    """Use tuning mode ``mode`` inside a ``with`` block."""
+    previous = get_tuning()
+    set_tuning(mode)
+    try:
+        yield
+    finally:
+        set_tuning(previous)
+
+
+def tuning_dir() -> Path:
+    """Where tuned configs are kept: ``$FASTAV_TUNING_DIR``, else ``~/.cache/fastav/tuning``."""
+    return Path(os.environ.get("FASTAV_TUNING_DIR") or Path.home() / ".cache" / "fastav" / "tuning")
+
+
+def config_name(config: Any) -> str:
+    """A stable text form of a ``triton.Config`` (block sizes, warps, stages)."""
+    meta = ",".join(f"{k}={v}" for k, v in sorted(config.kwargs.items()))
+    return f"{meta};warps={config.num_warps};stages={config.num_stages}"
+
+
+def tuned_config(path: Path, key: str, candidates: Sequence[Any], bench: Callable[[Any], float]) -> Any:
+    """The config of ``candidates`` with the least ``bench`` time for tuning ``key``, remembered in ``path``.
+
+    The first process to need a key takes an exclusive lock on ``path``, benchmarks every candidate and writes the
+    winner; any other process (another rank, a resumed run) waits on the lock and reads the same answer, so all
+    processes sharing ``path`` launch the same config. ``path`` is specific to the kernel source, the candidate
+    list and the device (see ``Launcher``), so a changed kernel or GPU tunes afresh.
+    """
+    names = [config_name(c) for c in candidates]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path.with_suffix(".lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            table = json.loads(path.read_text()) if path.exists() else {}
+            entry = table.get(key)
+            if entry is None or entry.get("config") not in names:
+                timings = {name: float(bench(c)) for name, c in zip(names, candidates, strict=True)}
+                best = min(timings, key=timings.__getitem__)
+                if not math.isfinite(timings[best]):
+                    raise RuntimeError(f"no config of {path.stem} could run for {key}: {timings}")
+                table[key] = entry = {"config": best, "ms": timings}
+                tmp = path.with_suffix(f".{os.getpid()}.tmp")
+                tmp.write_text(json.dumps(table, indent=1, sort_keys=True))
+                tmp.replace(path)
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+    return candidates[names.index(entry["config"])]
+
+
 class Launcher:
-    """One kernel, launched plainly with a fixed config under the interpreter, autotuned on a GPU.
+    """One kernel, launched plainly with a fixed config under the interpreter, tuned on a GPU.
 
     A call passes the positional kernel arguments, the constexprs the host fixes (e.g. ``BLOCK_K``), the fixed
     interpreter values of the tuned meta-parameters (``interp_meta``, ignored on a GPU) and ``grid``, a function of
-    the meta-parameters (dict) giving the launch grid. The autotuner (keyed on ``key``, plus the argument dtypes,
-    as ``triton.autotune`` does) is built on the first GPU launch, so the interpreter never benchmarks. Every
-    kernel here is out-of-place and deterministic given its inputs, so the autotuner's repeated runs are harmless.
+    the meta-parameters (dict) giving the launch grid.
+
+    On a GPU the candidates are ``autotune_configs`` (or, when it is a function, what it returns for the named
+    arguments: a space per dtype). With tuning "fixed" (``FASTAV_KERNEL_TUNING=fixed``, ``set_tuning``) the first
+    candidate runs, with no benchmarking. With "cache" (default) the first launch of a tuning key (the ``key``
+    arguments, the tensor dtypes and the constexprs) benchmarks the candidates once per machine (``tuned_config``,
+    in ``tuning_dir()``), and every process then launches that config. Every kernel here is out-of-place and
+    deterministic given its inputs, so the benchmark's repeated runs are harmless.
     """
 
-    def __init__(self, kernel: Any, autotune_configs: list[Any], key: list[str]) -> None:
+    def __init__(
+        self, kernel: Any, autotune_configs: list[Any] | Callable[[dict[str, Any]], list[Any]], key: list[str]
+    ) -> None:
         self.kernel = kernel
         self._configs = autotune_configs
         self._key = key
-        self._tuned: Any = None
+        self._chosen: dict[str, Any] = {}
 
     @property
     def interpreted(self) -> bool:
         return is_interpreted(self.kernel)
+
+    def _named(self, args: Sequence[Any], constexprs: dict[str, Any]) -> dict[str, Any]:
+        return {**dict(zip(self.kernel.arg_names, args, strict=False)), **constexprs}
+
+    def configs_for(self, args: Sequence[Any], constexprs: dict[str, Any]) -> list[Any]:
+        """The candidate configs for these arguments; the first is the fixed one."""
+        space = self._configs(self._named(args, constexprs)) if callable(self._configs) else self._configs
+        if not space:
+            raise ValueError(f"{self.name}: no config for these arguments")
+        return list(space)
+
+    @property
+    def name(self) -> str:
+        return self.kernel.fn.__name__
+
+    def tuning_key(self, args: Sequence[Any], constexprs: dict[str, Any]) -> str:
+        """What a tuned config is remembered under: the ``key`` arguments, tensor dtypes and constexprs."""
+        named = self._named(args, constexprs)
+        dtypes = [str(a.dtype).removeprefix("torch.") for a in args if isinstance(a, torch.Tensor)]
+        return repr(([named[k] for k in self._key], dtypes, sorted(constexprs.items())))
+
+    def _tuning_path(self, candidates: Sequence[Any], device: torch.device) -> Path:
+        source = getattr(self.kernel, "cache_key", None) or inspect.getsource(self.kernel.fn)
+        if device.type == "cuda":
+            props = torch.cuda.get_device_properties(device)
+            where = f"{props.name} sm_{props.major}{props.minor}"
+        else:
+            where = device.type
+        what = [source, triton.__version__, where]
+        digest = hashlib.sha256("\n".join(what + [config_name(c) for c in candidates]).encode()).hexdigest()
+        return tuning_dir() / f"{self.name}-{digest[:16]}.json"
+
+    def choose(self, args: Sequence[Any], constexprs: dict[str, Any], bench: Callable[[Any], float]) -> Any:
+        """The config to launch (see the class docstring); ``bench(config)`` times one candidate in ms."""
+        candidates = self.configs_for(args, constexprs)
+        if _tuning == "fixed" or len(candidates) == 1:
+            return candidates[0]
+        key = self.tuning_key(args, constexprs)
+        if key not in self._chosen:
+            device = next(a.device for a in args if isinstance(a, torch.Tensor))
+            self._chosen[key] = tuned_config(self._tuning_path(candidates, device), key, candidates, bench)
+        return self._chosen[key]
+
+    def _launch(self, grid: Callable[[dict[str, Any]], tuple[int, ...]], args, constexprs, config) -> None:
+        meta = {**constexprs, **config.kwargs}
+        self.kernel[grid(meta)](*args, **meta, num_warps=config.num_warps, num_stages=config.num_stages)
+
+    def _bench(self, grid, args, constexprs, config) -> float:
+        import triton.testing
+        from triton.runtime.errors import OutOfResources
+
+        try:
+            return triton.testing.do_bench(lambda: self._launch(grid, args, constexprs, config))
+        except OutOfResources:  # e.g. more shared memory than this GPU has: never the choice
+            return math.inf
 
     def __call__(
         self,
@@ -153,9 +299,8 @@ class Launcher:
             meta = {**constexprs, **interp_meta}
             self.kernel[grid(meta)](*args, **meta)
             return
-        if self._tuned is None:
-            self._tuned = triton.autotune(configs=self._configs, key=self._key)(self.kernel)
-        self._tuned[grid](*args, **constexprs)
+        config = self.choose(args, constexprs, lambda cfg: self._bench(grid, args, constexprs, cfg))
+        self._launch(grid, args, constexprs, config)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -212,7 +357,7 @@ def philox_uniform(rng_ptr, counter, STREAM: tl.constexpr):
 # Gumbel keys of zero weights sit in a tier of their own, below every positive weight: log(w) + G lies in about
 # [-107, 106] for positive fp32 w (log of the smallest subnormal is -103.3, G = -log(E) with E = -log(u), u in
 # (2**-25, 1 - 2**-25)), while zero weights get ZERO_TIER + G, about [-1003, -983]. So zero-weight items come
-# after all positive ones, in uniformly random order (what torch.multinomial does in practice, stella.md §4.1).
+# after all positive ones, in uniformly random order (what torch.multinomial does in practice, docs/methods/stella.md).
 ZERO_TIER_F = -1000.0
 ZERO_TIER = tl.constexpr(ZERO_TIER_F)
 

@@ -4,21 +4,27 @@ Legend (shape suffixes): B = batch, H = heads, M = queries (Lq), N = keys (Lk), 
 
     importance[b, n] = 1/(H*M) * sum_h sum_m softmax_n'( q[b,h,m] . k[b,h,n'] * scale / temperature )[n]
 
-STELLA (§2 of ../shared/reference/stella.md) computes I_v with audio queries over video keys (M = 512, N = 784)
+STELLA (§2 of the paper, arXiv 2310.08204) computes I_v with audio queries over video keys (M = 512, N = 784)
 and I_a with video queries over audio keys (M = 784, N = 512), scale 1/8, temperature 0.4; the official code
 materialises both B x 12 x 512 x 784 maps. Here two passes over key / query tiles do the same in O(B*H*(M+N))
 memory:
 
 1. ``_row_stats_kernel``, one program per (query tile, b*h): online max / sum-exp over key tiles, giving the
-   log-sum-exp of every query row (base 2), (B*H, M) fp32.
+   log-sum-exp of every query row (base 2), (B*H, M) fp32. Logits tile S = Q·Kᵀ: queries on the MMA rows.
 2. ``_col_accum_kernel``, one program per (key tile, b*h): recompute the logits tile by tile over the queries,
    p = exp2(s - lse_row), and sum over the queries, giving (B*H, N) fp32 partial sums; the head sum and
-   the 1/(H*M) are a (B, H, N) torch reduction.
+   the 1/(H*M) are a (B, H, N) torch reduction. Logits tile Sᵀ = K·Qᵀ: keys on the MMA rows, so the sum over
+   queries runs along a row of the accumulator, inside one warp (a sum down the columns of Q·Kᵀ would cross
+   warps through shared memory, with barriers, every iteration).
 
-Only one (BLOCK_M, BLOCK_N) tile of logits exists at a time. Logits are computed with ``tl.dot`` in fp32
-(bf16 / fp16 inputs accumulate in fp32; fp32 inputs use IEEE fp32, not TF32, so results match the reference to
-1e-5). ``pooled_query`` is the importance-weighted mean of the queries over a candidate set (a one-pass
-reduction kernel).
+Only one (BLOCK_M, BLOCK_N) tile of logits exists at a time. Logits are computed with ``tl.dot`` accumulating in
+fp32 on the tensor cores: bf16 / fp16 inputs directly, fp32 inputs as three TF32 products (``tf32x3``: each
+operand split into a TF32 high part and a TF32 remainder, dropping only the remainder x remainder term), which
+keeps the result within 1e-5 of the fp32 reference where plain TF32 (10-bit mantissa) would not (emulated at
+STELLA's size: 3e-7 against 3e-4 relative, ``test_fp32_dot_precision_keeps_the_bound``), and which, unlike IEEE
+fp32 FMAs, neither runs off the tensor cores nor spills registers at these tile sizes. The interpreter ignores
+``input_precision`` (numpy fp32). ``pooled_query`` is the importance-weighted mean of the
+queries over a candidate set (a one-pass reduction kernel).
 
 References:
     Lee et al., "STELLA: Continual Audio-Video Pre-training with Spatio-Temporal Localized Alignment",
@@ -47,6 +53,8 @@ __all__ = [
 ]
 
 _LOG2E = math.log2(math.e)
+FP32_PRECISION = "tf32x3"
+"""``tl.dot`` precision of fp32 inputs: three TF32 tensor-core products (16-bit inputs ignore it)."""
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -75,7 +83,7 @@ def _row_stats_kernel(
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
-    IEEE: tl.constexpr,
+    PRECISION: tl.constexpr,  # tl.dot input_precision for fp32 inputs ("tf32x3"); ignored for 16-bit inputs
     UPCAST: tl.constexpr,  # load 16-bit inputs as fp32 (the interpreter's bf16 tl.dot is wrong)
 ):
     pid_m = tl.program_id(0)
@@ -99,15 +107,13 @@ def _row_stats_kernel(
     for n0 in range(0, N, BLOCK_N):
         offs_n = n0 + offs_n0
         mask_n = offs_n < N
-        kt_ptrs = k_base + offs_n[None, :] * stride_kn + offs_k[:, None] * stride_kk
-        kt_KN = tl.load(kt_ptrs, mask=mask_k[:, None] & mask_n[None, :], other=0.0)
+        k_ptrs = k_base + offs_n[:, None] * stride_kn + offs_k[None, :] * stride_kk
+        k_NK = tl.load(k_ptrs, mask=mask_n[:, None] & mask_k[None, :], other=0.0)
         if UPCAST:
-            kt_KN = kt_KN.to(tl.float32)
-        if IEEE:
-            s_MN = tl.dot(q_MK, kt_KN, input_precision="ieee")
-        else:
-            s_MN = tl.dot(q_MK, kt_KN)
+            k_NK = k_NK.to(tl.float32)
+        s_MN = tl.dot(q_MK, tl.trans(k_NK), input_precision=PRECISION)
         s_MN = tl.where(mask_n[None, :], s_MN * qk_scale, float("-inf"))
+        # queries on the MMA rows: the row max and sum stay inside a warp (a few shuffles, no shared memory)
         m_new = tl.maximum(m_M, tl.max(s_MN, axis=1))
         l_M = l_M * tl.exp2(m_M - m_new) + tl.sum(tl.exp2(s_MN - m_new[:, None]), axis=1)
         m_M = m_new
@@ -137,7 +143,7 @@ def _col_accum_kernel(
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
-    IEEE: tl.constexpr,
+    PRECISION: tl.constexpr,
     UPCAST: tl.constexpr,
 ):
     pid_n = tl.program_id(0)
@@ -150,10 +156,10 @@ def _col_accum_kernel(
     mask_n = offs_n < N
     mask_k = offs_k < K
 
-    kt_ptrs = Kt + b * stride_kb + h * stride_kh + offs_n[None, :] * stride_kn + offs_k[:, None] * stride_kk
-    kt_KN = tl.load(kt_ptrs, mask=mask_k[:, None] & mask_n[None, :], other=0.0)
+    k_ptrs = Kt + b * stride_kb + h * stride_kh + offs_n[:, None] * stride_kn + offs_k[None, :] * stride_kk
+    k_NK = tl.load(k_ptrs, mask=mask_n[:, None] & mask_k[None, :], other=0.0)
     if UPCAST:
-        kt_KN = kt_KN.to(tl.float32)
+        k_NK = k_NK.to(tl.float32)
     q_base = Q + b * stride_qb + h * stride_qh
 
     acc_N = tl.zeros([BLOCK_N], dtype=tl.float32)
@@ -164,14 +170,12 @@ def _col_accum_kernel(
         q_MK = tl.load(q_ptrs, mask=mask_m[:, None] & mask_k[None, :], other=0.0)
         if UPCAST:
             q_MK = q_MK.to(tl.float32)
-        # rows past M get lse = +inf, hence p = 0
+        # queries past M get lse = +inf, hence p = 0
         lse_M = tl.load(LSE + pid_bh * M + offs_m, mask=mask_m, other=float("inf"))
-        if IEEE:
-            s_MN = tl.dot(q_MK, kt_KN, input_precision="ieee")
-        else:
-            s_MN = tl.dot(q_MK, kt_KN)
-        p_MN = tl.exp2(s_MN * qk_scale - lse_M[:, None])
-        acc_N += tl.sum(p_MN, axis=0)
+        # keys on the MMA rows (K·Qᵀ): the sum over queries runs along a row, inside a warp
+        s_NM = tl.dot(k_NK, tl.trans(q_MK), input_precision=PRECISION)
+        p_NM = tl.exp2(s_NM * qk_scale - lse_M[None, :])
+        acc_N += tl.sum(p_NM, axis=1)
     tl.store(OUT + pid_bh * N + offs_n, acc_N, mask=mask_n)
 
 
@@ -220,9 +224,33 @@ def _pooled_query_kernel(
 # host launchers
 # --------------------------------------------------------------------------------------------------------------
 
-_TILES = [{"BLOCK_M": m, "BLOCK_N": n} for m in (64, 128) for n in (32, 64, 128)]
-_row_stats = _utils.Launcher(_row_stats_kernel, _utils.configs(_TILES, (4, 8), (2, 3)), key=["M", "N", "K"])
-_col_accum = _utils.Launcher(_col_accum_kernel, _utils.configs(_TILES, (4, 8), (2, 3)), key=["M", "N", "K"])
+
+def _cfg(m: int, n: int, warps: int, stages: int) -> triton.Config:
+    return triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=warps, num_stages=stages)
+
+
+# Candidates per pass and input dtype, the first being the fixed config. Cut from the 24 tiles x warps x stages
+# tried before (minutes of compiling on first use) to those that compile for sm_90 without spills, with tensor-core
+# MMAs, a moderate register count and two barriers per loop iteration (the reduction stays inside a warp), over
+# distinct shapes: the larger tile dimension on the MMA rows (queries in pass 1, keys in pass 2), one or two
+# warpgroups; fp32 (tf32x3) keeps every operand twice in shared memory, so its tiles are smaller. Figures per
+# config: ``python bench/kernels.py --compile``.
+_ROW_STATS_SPACE = {
+    "16bit": [_cfg(128, 64, 4, 3), _cfg(128, 128, 8, 3), _cfg(64, 128, 4, 3), _cfg(128, 64, 8, 2)],
+    "fp32": [_cfg(64, 64, 4, 2), _cfg(128, 32, 8, 2), _cfg(128, 64, 8, 2)],
+}
+_COL_ACCUM_SPACE = {
+    "16bit": [_cfg(64, 128, 4, 3), _cfg(128, 128, 8, 3), _cfg(128, 64, 4, 3), _cfg(64, 128, 8, 2)],
+    "fp32": [_cfg(64, 64, 4, 2), _cfg(32, 64, 4, 2), _cfg(64, 128, 8, 2)],
+}
+
+
+def _space(table: dict[str, list[triton.Config]]):
+    return lambda named: table["fp32" if named["Q"].dtype == torch.float32 else "16bit"]
+
+
+_row_stats = _utils.Launcher(_row_stats_kernel, _space(_ROW_STATS_SPACE), key=["M", "N", "K"])
+_col_accum = _utils.Launcher(_col_accum_kernel, _space(_COL_ACCUM_SPACE), key=["M", "N", "K"])
 _pooled = _utils.Launcher(
     _pooled_query_kernel, _utils.configs([{"BLOCK_L": b} for b in (32, 64, 128)], (2, 4)), key=["L", "K"]
 )
@@ -257,7 +285,7 @@ def attention_importance_triton(q: torch.Tensor, k: torch.Tensor, scale: float, 
     block_k = _utils.next_pow2(K, 16)  # tl.dot needs every dim >= 16
     strides = (*q.stride(), *k.stride())
     upcast = _row_stats.interpreted and q.dtype != torch.float32
-    const = {"BLOCK_K": block_k, "IEEE": q.dtype == torch.float32 or upcast, "UPCAST": upcast}
+    const = {"BLOCK_K": block_k, "PRECISION": FP32_PRECISION, "UPCAST": upcast}
     interp = {"BLOCK_M": _utils.interp_block(M, 256, 16), "BLOCK_N": _utils.interp_block(N, 256, 16)}
     _row_stats(
         lambda meta: (triton.cdiv(M, meta["BLOCK_M"]), B * H),
@@ -343,7 +371,7 @@ def pooled_query_ref(q: torch.Tensor, weights: torch.Tensor, candidates: torch.T
 
 @torch.no_grad()
 def pooled_query(q: torch.Tensor, weights: torch.Tensor, candidates: torch.Tensor) -> torch.Tensor:
-    """Importance-weighted mean query over a candidate set (stella.md §2: q̄ = Σ_{j∈C} I[j] q[j] / Σ_{j∈C} I[j]).
+    """Importance-weighted mean query over a candidate set: q̄ = Σ_{j∈C} I[j] q[j] / Σ_{j∈C} I[j] (STELLA).
 
     Args:
         q: (B, H, L, D) queries.

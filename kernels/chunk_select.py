@@ -1,4 +1,4 @@
-"""STELLA's chunked audio selection (stella.md §4.2): exactly k patches in whole time chunks, fused per row.
+"""STELLA's chunked audio selection (docs/methods/stella.md): exactly k patches in whole time chunks, fused per row.
 
 Legend (shape suffixes): B = batch rows, L = audio patches, C = chunks, S = patches per chunk, R = row tile.
 

@@ -3,10 +3,10 @@
 Legend (shape suffixes): B = batch rows (current + replay), L = patches of one modality, k = patches kept.
 
 - ``select_video``: prune the importance with Bernoulli(π_v) (``prune_weights``), then draw k patches without
-  replacement in proportion to what is left (``weighted_sample``) (stella.md §4.1).
+  replacement in proportion to what is left (``weighted_sample``) (docs/methods/stella.md).
 - ``select_audio``: Bernoulli(π_a) pruned mask (``bernoulli_prune``), then the chunked time selection
-  (``chunk_select``) (stella.md §4.2).
-- ``deterministic=True``: the first step while the replay buffer is empty (stella.md §4.3): top-k by importance,
+  (``chunk_select``) (docs/methods/stella.md).
+- ``deterministic=True``: the first step while the replay buffer is empty (docs/methods/stella.md): top-k by importance,
   no pruning, no chunking (π is ignored and may be None).
 
 Both return the kept patch ids (B, k) int64 in ascending order, ready for ``gather_*_patches`` and for gathering

@@ -4,7 +4,7 @@ Legend (shape suffixes): B = batch, H = heads, L = patches (keys), K = head dim 
 
     pi[b, l] = 1/H * sum_h sigmoid( <q_past[b,h] - q_cur[b,h], k[b,h,l]> * scale )   if candidates[b, l] else 0
 
-This is STELLA's π (§3.2 of ../shared/reference/stella.md): softmax([s_past, s_cur])_0 = σ(s_past − s_cur) with
+This is STELLA's π (docs/methods/stella.md): softmax([s_past, s_cur])_0 = σ(s_past − s_cur) with
 s = <q̄, k> / 8, averaged over the 12 heads; the current score is the current sample's own pooled query by
 linearity. No temperature. One program per (patch tile, b) loops over the heads: a matrix-vector product per head
 in fp32, the sigmoid, and the head mean, written once.

@@ -2,7 +2,7 @@
 
 Legend (shape suffixes): B = batch rows, L = items (patches) per row, R / I / J = row / item tiles.
 
-- ``bernoulli_prune(pi, rng)``: pruned[b, l] ~ Bernoulli(pi[b, l]) independently (stella.md §4.1 steps 1-2).
+- ``bernoulli_prune(pi, rng)``: pruned[b, l] ~ Bernoulli(pi[b, l]) independently (docs/methods/stella.md steps 1-2).
   ``prune_weights(w, pi, rng)`` returns w with the pruned entries zeroed, from the same draws.
 - ``weighted_sample(w, k, rng)``: k distinct indices per row, drawn sequentially with probability proportional
   to the remaining weights (Plackett–Luce; the distribution of ``torch.multinomial(w, k, replacement=False)``),
@@ -10,7 +10,7 @@ Legend (shape suffixes): B = batch rows, L = items (patches) per row, R / I / J 
   sample of that distribution (Gumbel-max trick applied k times; equivalently the exponential race w / Exp(1)).
   Zero weights sit in a lower tier (``_utils.ZERO_TIER``), so when fewer than k weights are positive the
   remaining slots are filled uniformly at random from the zero-weight items, as STELLA's multinomial call does.
-- ``topk_indices(scores, k)``: the deterministic top-k (first step, stella.md §4.3; candidate sets, §2), in
+- ``topk_indices(scores, k)``: the deterministic top-k (first step, docs/methods/stella.md), in
   decreasing score order, ties to the lower index; ``topk_mask`` is its (B, L) bool form.
 
 The selection kernel ranks by counting instead of sorting: rank[i] = #{j : key_j > key_i, or key_j == key_i and
@@ -214,7 +214,7 @@ def bernoulli_prune_ref(pi: torch.Tensor, rng: torch.Tensor, *, stream: int = 0)
 
 @torch.no_grad()
 def bernoulli_prune(pi: torch.Tensor, rng: torch.Tensor, *, stream: int = 0) -> torch.Tensor:
-    """Independent Bernoulli(pi) draws: True = pruned (stella.md §4.1).
+    """Independent Bernoulli(pi) draws: True = pruned (docs/methods/stella.md).
 
     Args:
         pi: (B, L) probabilities (values <= 0 never prune, >= 1 always prune).
@@ -251,7 +251,7 @@ def prune_weights_ref(
 def prune_weights(
     weights: torch.Tensor, pi: torch.Tensor, rng: torch.Tensor, *, stream: int = 0
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Zero the weights of Bernoulli(pi)-pruned items (stella.md §4.1: I_v * !Bern(pi_v)).
+    """Zero the weights of Bernoulli(pi)-pruned items (docs/methods/stella.md: I_v * !Bern(pi_v)).
 
     Uses the same draws as ``bernoulli_prune(pi, rng, stream=stream)``.
 
@@ -347,6 +347,6 @@ def topk_indices(scores: torch.Tensor, k: int) -> torch.Tensor:
 
 @torch.no_grad()
 def topk_mask(scores: torch.Tensor, k: int) -> torch.Tensor:
-    """(B, L) bool mask of the top-k per row (STELLA's candidate sets C_v, C_a, stella.md §2)."""
+    """(B, L) bool mask of the top-k per row (STELLA's candidate sets C_v, C_a, docs/methods/stella.md)."""
     ids = topk_indices(scores, k)
     return torch.zeros(scores.shape, dtype=torch.bool, device=scores.device).scatter_(1, ids, True)

@@ -15,7 +15,7 @@ Stages, in order:
    normalised frames and (B, N) waveforms with their lengths, on the device.
 3. **Device** (torch, :meth:`AVLoader._finish`): mixup (waveform domain), CAV-MAE's Kaldi fbank, SpecAugment,
    normalisation, noise and time roll, multi-hot (smoothed, mixed) labels. At this point we have the batch
-   contract of design.md: ``video``, ``fbank``, ``labels``, ``task``, ``index`` plus ``valid``.
+   contract of docs/architecture.md: ``video``, ``fbank``, ``labels``, ``task``, ``index`` plus ``valid``.
 
 Why an external source rather than ``fn.readers.webdataset``: the reader cannot tell the graph a clip's frame
 count (needed for the frame rule of every sample), cannot drop a sample its decoder fails on, and resumes only
@@ -115,7 +115,7 @@ def resolve_device(setting: str) -> torch.device:
 
 
 class AVLoader:
-    """Batches of one split for one rank, as device tensors (the batch contract of design.md).
+    """Batches of one split for one rank, as device tensors (the batch contract of docs/architecture.md).
 
     ``for batch in loader`` yields one epoch (``len(loader)`` batches) from where the loader stands; iterate
     again for the next epoch. Training (``train=True``, the default for the 'train' split) shuffles per epoch,

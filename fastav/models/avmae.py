@@ -476,6 +476,7 @@ class AVMAE(nn.Module):
             tau=cfg.contrastive_tau,
             bidirectional=cfg.bidirectional_contrastive,
             gather=cfg.gather_negatives,
+            gather_grad=cfg.gather_grad,
         )
         loss = cfg.mae_weight * (loss_a + loss_v) + cfg.contrastive_weight * nce
         return PretrainOutput(

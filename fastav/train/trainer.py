@@ -248,7 +248,8 @@ class Trainer:
         if self.evaluate is not None:
             record["eval"] = self.evaluate(self.method, stage)
             if self.logger is not None:
-                self.logger.log(self.step, {"stage": stage.name, **_flat(record["eval"])}, tag="eval")
+                line = _eval_line(stage, record["eval"])
+                self.logger.log(self.step, {"stage": stage.name, **_flat(record["eval"])}, tag="eval", console=line)
         self.stage_results.append(record)
         self.stage_index = stage.index + 1
         self._checkpoint(None, loader if stage.loader_continues else None, pinned=stage.keep_checkpoint)
@@ -335,6 +336,20 @@ class Trainer:
 def _delivered_in_epoch(loader: Loader, per_epoch: int) -> int:
     delivered = getattr(loader, "delivered", None)
     return 0 if delivered is None else int(delivered) % per_epoch
+
+
+def _eval_line(stage: Stage, result: Mapping[str, Any]) -> str:
+    """One console line of an evaluation: overall R@K and median rank per direction for a retrieval result, else the
+    flat numbers."""
+    if not all(isinstance(result.get(d), Mapping) and "overall" in result[d] for d in ("a2v", "v2a")):
+        return f"after {stage.name}: " + "  ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
+                                                   for k, v in _flat(result).items())  # fmt: skip
+    parts = []
+    for direction in ("a2v", "v2a"):
+        overall = result[direction]["overall"]
+        recalls = " ".join(f"{k.upper()} {v:.1f}" for k, v in overall.items() if k.startswith("r") and k[1:].isdigit())
+        parts.append(f"{direction} {recalls} MedR {overall['median_rank']:g}")
+    return f"retrieval after {stage.name} ({result.get('gallery')} clips, %): " + " | ".join(parts)
 
 
 def _flat(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:

@@ -79,6 +79,47 @@ def test_strided_inputs_and_peaked_softmax(device, close):
     close(out, attention_importance_ref(q, k, 0.25, 0.25), rtol=1e-5, atol=1e-9)
 
 
+def _tf32(x: torch.Tensor, nearest: bool) -> torch.Tensor:
+    """fp32 -> TF32 (10-bit mantissa) as the GPU does it: cvt.rna (nearest, ties away) where Triton converts an
+    operand, truncation where the tensor core reads an fp32 register as TF32."""
+    bits = x.view(torch.int32).to(torch.int64)
+    if nearest:
+        bits = bits + 0x1000
+    return (bits & ~0x1FFF).to(torch.int32).view(torch.float32)
+
+
+def _emulated_dot(a: torch.Tensor, b: torch.Tensor, precision: str) -> torch.Tensor:
+    """a @ b as the tensor cores compute ``tl.dot(a, b, input_precision=precision)`` for fp32 inputs (products
+    exact, sums in fp64 then rounded: the accumulation error is below both reference's and kernel's fp32 sums).
+    tf32x3 as Triton's F32DotTC pass lowers it: big = tf32(x), small = x - big, big·small + small·big + big·big."""
+    exact = lambda x, y: (x.double() @ y.double()).float()  # noqa: E731
+    if precision == "ieee":
+        return exact(a, b)
+    a_big, b_big = _tf32(a, True), _tf32(b, True)
+    if precision == "tf32":
+        return exact(a_big, b_big)
+    assert precision == "tf32x3", precision
+    a_small, b_small = _tf32(a - a_big, False), _tf32(b - b_big, False)
+    return exact(a_small, b_big) + exact(a_big, b_small) + exact(a_big, b_big)
+
+
+@pytest.mark.parametrize("M, N", [(512, 784), (784, 512)])
+def test_fp32_dot_precision_keeps_the_bound(M, N, close):
+    """The fp32 path's ``tl.dot`` precision (the interpreter ignores it, so this emulates the tensor cores' TF32
+    arithmetic) keeps the importance within 1e-5 of the fp32 reference at STELLA's size; plain TF32 would not."""
+    gen = torch.Generator().manual_seed(M + N)
+    q, k = _qk(1, 12, M, N, 64, torch.float32, "cpu", gen)
+    ref = attention_importance_ref(q, k, SCALE, TAU)
+
+    def emulated(precision: str) -> torch.Tensor:
+        s = _emulated_dot(q, k.transpose(-1, -2), precision) * (SCALE / TAU)
+        return s.softmax(-1).mean(dim=(1, 2))
+
+    close(emulated(ai_mod.FP32_PRECISION), ref, rtol=1e-5, atol=1e-9)
+    with pytest.raises(AssertionError):
+        close(emulated("tf32"), ref, rtol=1e-5, atol=1e-9)
+
+
 class _RecordSizes(TorchDispatchMode):
     """Records the size in bytes of every tensor produced by an aten op (the interpreter's storage copies included)."""
 

@@ -1,4 +1,4 @@
-"""STELLA's chunked audio selection (stella.md §4.2): exactly k kept, the chunk and edge rules, the walk law.
+"""STELLA's chunked audio selection (docs/methods/stella.md): exactly k kept, the chunk and edge rules, the walk law.
 
 ``check_rules`` re-derives the rules from the output alone (independently of both implementations) and is run on
 adversarial rows: nothing pruned, whole chunks pruned, ties, all-zero importance, exactly k / fewer than k

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib
+import os
 
 import pytest
 import torch
@@ -90,3 +91,25 @@ def test_rng_helpers():
     assert _utils.stream_id(3, 2) == 50
     with pytest.raises(ValueError, match="stream"):
         _utils.stream_id(-1, 0)
+
+
+def test_a_bad_backend_name_is_reported_where_it_is_used_not_at_import() -> None:
+    """FASTAV_KERNELS is read when a backend is first needed; a run sets the backend from model.kernels, which the
+    configuration validates."""
+    import subprocess
+    import sys
+
+    from fastav.config import ConfigError, load_config
+
+    code = (
+        "import kernels\n"
+        "try:\n    kernels.get_backend()\nexcept ValueError as err:\n    print('refused:', err)\n"
+        "kernels.set_backend('ref'); print('set:', kernels.get_backend())\n"
+    )
+    env = {**os.environ, "FASTAV_KERNELS": "fast"}
+    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "refused: FASTAV_KERNELS='fast': expected one of auto, triton, ref" in done.stdout
+    assert "set: ref" in done.stdout
+    with pytest.raises(ConfigError, match="model.kernels: 'fast' is not accepted; choose one of auto, triton, ref"):
+        load_config("debug", ["model.kernels=fast"])

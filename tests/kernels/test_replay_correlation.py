@@ -38,7 +38,7 @@ def test_matches_ref(B, H, L, D, dtype, rtol, atol, device, close):
 
 
 def test_equals_two_way_softmax_of_logits(device, close):
-    """π = mean_h softmax([s_past, s_cur])_0 with s = <q̄, k>·scale, as STELLA computes it (stella.md §3.2)."""
+    """π = mean_h softmax([s_past, s_cur])_0 with s = <q̄, k>·scale, as STELLA computes it (docs/methods/stella.md)."""
     qp, qc, k, cand = _inputs(2, 3, 23, 16, torch.float32, device, seed=5)
     s_past = torch.einsum("bhd,bhld->bhl", qp, k) * SCALE
     s_cur = torch.einsum("bhd,bhld->bhl", qc, k) * SCALE

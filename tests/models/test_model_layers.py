@@ -85,7 +85,7 @@ def _mae_1d(dim: int, pos: np.ndarray) -> np.ndarray:
 
 
 def _cavmae_2d(dim: int, grid_h: int, grid_w: int) -> np.ndarray:
-    """CAV-MAE's get_2d_sincos_pos_embed, written from cav_mae.md §3.2 (meshgrid(w, h): w goes first)."""
+    """CAV-MAE's get_2d_sincos_pos_embed, written from docs/methods/cav_mae.md (meshgrid(w, h): w goes first)."""
     grid = np.stack(np.meshgrid(np.arange(grid_w, dtype=np.float32), np.arange(grid_h, dtype=np.float32)), axis=0)
     grid = grid.reshape(2, 1, grid_h, grid_w)
     return np.concatenate([_mae_1d(dim // 2, grid[0]), _mae_1d(dim // 2, grid[1])], axis=1)

@@ -135,6 +135,55 @@ def test_info_nce_matches_cavmae_formula() -> None:
     assert acc == (total.argmax(dim=0) == torch.arange(6)).float().mean()
 
 
+_GATHER_WORKER = """
+import sys, torch, torch.distributed as dist
+from fastav.models import info_nce
+dist.init_process_group("gloo")
+rank, world = dist.get_rank(), dist.get_world_size()
+a, v = torch.load(sys.argv[1])
+rows = slice(rank * 4, rank * 4 + 4)
+out = {}
+for gather_grad in (False, True):
+    a_r, v_r = a[rows].clone().requires_grad_(), v[rows].clone().requires_grad_()
+    loss, _ = info_nce(a_r, v_r, tau=0.1, bidirectional=True, gather_grad=gather_grad)
+    loss.backward()
+    out[gather_grad] = (a_r.grad / world, v_r.grad / world)  # the data-parallel average
+torch.save(out, sys.argv[2] + f".{rank}")
+"""
+
+
+@pytest.mark.distributed
+def test_info_nce_gather_grad_follows_the_one_batch_gradient(tmp_path) -> None:
+    """Two gloo processes of 4 rows each: with gather_grad the averaged gradients are those of one InfoNCE over the 8
+    rows; STELLA's gather (the other rank's rows constant) leaves part of them out."""
+    import os
+    import socket
+    import subprocess
+    import sys
+
+    torch.manual_seed(0)
+    a, v = torch.randn(8, 6, dtype=torch.float64), torch.randn(8, 6, dtype=torch.float64)
+    torch.save((a, v), tmp_path / "inputs.pt")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = str(s.getsockname()[1])
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", _GATHER_WORKER, str(tmp_path / "inputs.pt"), str(tmp_path / "grads")],
+            env=dict(os.environ, RANK=str(r), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1", MASTER_PORT=port),
+        )
+        for r in range(2)
+    ]
+    assert [p.wait(timeout=120) for p in procs] == [0, 0]
+    parts = [torch.load(tmp_path / f"grads.{r}") for r in range(2)]
+    a.requires_grad_(), v.requires_grad_()
+    one_batch = torch.autograd.grad(info_nce(a, v, tau=0.1, bidirectional=True)[0], (a, v))
+    for gather_grad, close in ((True, True), (False, False)):
+        grads = [torch.cat([p[gather_grad][i] for p in parts]) for i in range(2)]
+        same = all(torch.allclose(g, o, atol=1e-12) for g, o in zip(grads, one_batch, strict=True))
+        assert same == close, gather_grad
+
+
 def test_gradients_match_finite_differences_in_float64() -> None:
     """The whole pre-training loss (masking fixed by the seed) against a central difference along a random
     direction in parameter space."""
@@ -179,7 +228,7 @@ def test_parameter_counts_at_base_size_on_the_meta_device() -> None:
         return tuple(count_parameters(m) for m in models)
 
     (pre, pre_train), (ft, ft_train), _ = counts("cavmae_base")
-    assert (round(pre / 1e6, 3), round(pre_train / 1e6, 3)) == (191.036, 190.130)  # cav_mae.md §3.7
+    assert (round(pre / 1e6, 3), round(pre_train / 1e6, 3)) == (191.036, 190.130)  # docs/methods/cav_mae.md
     assert (round(ft / 1e6, 3), ft_train) == (164.907, ft)
     (stella, _), _, (avm, _) = counts("stella_vggsound")
     assert (stella, avm) == (185_534_976, 5_904_385)  # computed from STELLA's configuration (see the README)
@@ -188,8 +237,8 @@ def test_parameter_counts_at_base_size_on_the_meta_device() -> None:
 
 @pytest.mark.parametrize("recipe", ["debug", "debug_cavmae"], ids=["stella", "cavmae"])
 def test_forward_and_backward_read_nothing_on_the_host(recipe: str, host_reads) -> None:
-    """The CPU check of the no-sync rule (design.md): the model's step, with and without an audio selection, makes
-    no ATen call that would synchronise on a GPU. The optimizer is left out (its CPU step counter is read on the
+    """The CPU check of the no-sync rule (docs/architecture.md): the model's step, with and without an audio selection,
+    makes no ATen call that would synchronise on a GPU. The optimizer is left out (its CPU step counter is read on the
     host by design); the GPU test below runs the whole step under set_sync_debug_mode."""
     cfg = load_config(recipe)
     model = build_pretrain_model(cfg)

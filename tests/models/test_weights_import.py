@@ -1,5 +1,5 @@
 """Checkpoint import: official CAV-MAE / STELLA state dicts generated here from the documented layouts
-(cav_mae.md §3, stella.md §1), the ImageNet-MAE adaptation, and fastav's safetensors files."""
+(docs/methods/cav_mae.md, docs/methods/stella.md), the ImageNet-MAE adaptation, and fastav's safetensors files."""
 
 from __future__ import annotations
 
@@ -68,7 +68,7 @@ def _block(prefix: str, dim: int, tagged: bool) -> dict[str, tuple[int, ...]]:
 
 
 def official_cavmae_shapes() -> dict[str, tuple[int, ...]]:
-    """CAVMAE's keys (cav_mae.md §3): every Block carries three LayerNorm pairs; audio is frequency-major."""
+    """CAVMAE's keys (docs/methods/cav_mae.md): every Block carries three LayerNorm pairs; audio is frequency-major."""
     shapes: dict[str, tuple[int, ...]] = {
         "patch_embed_a.proj.weight": (D, 1, P, P),
         "patch_embed_a.proj.bias": (D,),
@@ -100,7 +100,7 @@ def official_cavmae_shapes() -> dict[str, tuple[int, ...]]:
 
 
 def official_stella_shapes(frames: int = 2) -> dict[str, tuple[int, ...]]:
-    """STELLA's CAV keys (stella.md §1.2, models/cav.py): LayerNorm sets only in the shared blocks, per-modality
+    """STELLA's CAV keys (docs/methods/stella.md, models/cav.py): LayerNorm sets only in the shared blocks, per-modality
     mask tokens, inter_pos_embed, MAE heads as mae_score_*.decoder; audio time-major."""
     shapes = {k: v for k, v in official_cavmae_shapes().items() if "blocks" not in k and "decoder_pred" not in k}
     del shapes["mask_token"]

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 
 from fastav.config import ConfigError, DistributedConfig, ModelConfig, TrainConfig, field_docs, load_config
 
 NEW_FIELDS = {
-    ModelConfig: ("tagged_norms", "decoder_joint", "gather_negatives", "avm_layout"),
+    ModelConfig: ("tagged_norms", "decoder_joint", "gather_negatives", "gather_grad", "avm_layout"),
     TrainConfig: ("resume", "keep_checkpoints"),
     DistributedConfig: ("timeout_minutes",),
 }
@@ -28,6 +30,17 @@ def test_cavmae_recipe_uses_the_cavmae_layout() -> None:
     assert (m.tagged_norms, m.decoder_joint, m.gather_negatives, m.shared_mask_token) == ("all", True, False, True)
     s = load_config("stella_vggsound").model
     assert (s.tagged_norms, s.decoder_joint, s.gather_negatives) == ("shared", False, True)
+
+
+def test_scratch_recipe_changes_only_the_from_scratch_fields() -> None:
+    """``debug_scratch`` is ``debug`` plus the InfoNCE settings of a random start; no faithful recipe uses them."""
+    dbg, scratch = load_config("debug"), load_config("debug_scratch")
+    nce = {"gather_grad": True, "contrastive_weight": 1.0, "contrastive_tau": 0.2}
+    assert scratch.model == dataclasses.replace(dbg.model, **nce)
+    assert scratch.train == dataclasses.replace(dbg.train, lr=3e-4, epochs=24)
+    assert (scratch.data, scratch.continual, scratch.distributed) == (dbg.data, dbg.continual, dbg.distributed)
+    for name in ("base", "debug", "debug_cavmae", "cavmae_base", "stella_vggsound", "stella_audioset"):
+        assert load_config(name).model.gather_grad is False, name
 
 
 def test_new_fields_parse_and_validate() -> None:

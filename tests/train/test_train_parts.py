@@ -47,7 +47,7 @@ def test_no_weight_decay_on_biases_norms_tables_embeddings_and_tokens() -> None:
 def test_cavmae_multistep_schedule_per_epoch() -> None:
     train = load_config("cavmae_base").train  # milestones 10, 15, 20, 25; gamma 0.5
     factors = [lr_factor(train, e) for e in range(26)]
-    assert factors[:10] == [1.0] * 10  # epochs 1-10 at full lr (cav_mae.md §5)
+    assert factors[:10] == [1.0] * 10  # epochs 1-10 at full lr (docs/methods/cav_mae.md)
     assert factors[10:15] == [0.5] * 5 and factors[15] == 0.25 and factors[20] == 0.125 and factors[25] == 0.0625
     assert lr_factor(train, 9.99) == 1.0
     warm = load_config("debug", ["train.warmup_epochs=2", "train.schedule=cosine", "train.epochs=10"]).train
