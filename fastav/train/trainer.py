@@ -110,18 +110,25 @@ class _Window:
         self.finite = self.finite + ok
         self.steps += 1
 
-    def read(self, world_size: int) -> dict[str, float]:
-        """Means over the window's finite steps and the ranks (no term when every step was skipped), and the
-        count of finite steps: the deliberate device sync of a logging step."""
+    def read(self, world_size: int) -> dict[str, Any]:
+        """Means over the window's finite steps and the ranks (no term when every step was skipped), the count of
+        finite steps, and with several ranks each rank's own mean loss (``loss_by_rank``): the deliberate device
+        sync of a logging step."""
         keys = sorted(self.sums)
         stacked = torch.stack([*[self.sums[k] for k in keys], self.finite.float()])
         if world_size > 1:
-            torch.distributed.all_reduce(stacked)
-            stacked /= world_size
-        *sums, finite = stacked.cpu().tolist()  # sync-ok: logging step
-        out = {"finite_steps": int(round(finite))}
+            parts = [torch.empty_like(stacked) for _ in range(world_size)]
+            torch.distributed.all_gather(parts, stacked)
+            per_rank = torch.stack(parts).cpu()  # sync-ok: logging step
+        else:
+            per_rank = stacked[None].cpu()  # sync-ok: logging step
+        *sums, finite = per_rank.mean(dim=0).tolist()
+        out: dict[str, Any] = {"finite_steps": int(round(finite))}
         if finite > 0:
             out.update({k: v / finite for k, v in zip(keys, sums, strict=True)})
+            if world_size > 1 and "loss" in keys:
+                column = keys.index("loss")
+                out["loss_by_rank"] = (per_rank[:, column] / per_rank[:, -1].clamp(min=1)).tolist()
         return out
 
 

@@ -94,11 +94,12 @@ def reference_run(corrupt_dataset, tmp_path_factory) -> Path:
     return run_dir
 
 
-def _losses(run_dir: Path) -> dict[int, float]:
+def _losses(run_dir: Path) -> dict[int, list[float]]:
+    """Each step's loss on rank 0 and on rank 1."""
     records = read_metrics(run_dir / "metrics.jsonl", tag="train")
     steps = [r["step"] for r in records]
     assert len(steps) == len(set(steps)), "a step was logged twice"
-    return {r["step"]: r["loss"] for r in records}
+    return {r["step"]: r["loss_by_rank"] for r in records}
 
 
 def _rank_states(checkpoint: Path) -> list[dict]:
@@ -110,6 +111,8 @@ def test_kill_and_resume_repeats_the_run_on_every_rank(corrupt_dataset, referenc
     full = reference_run
     reference = _losses(full)
     assert sorted(reference) == list(range(1, 19))  # 3 tasks x 3 epochs x 2 batches per rank
+    assert all(len(losses) == 2 for losses in reference.values())
+    assert sum(a != b for a, b in reference.values()) >= 17  # the ranks train on different clips
     mid_task0 = _rank_states(full / "checkpoints" / "step_00000004")
     assert [s["data"]["skipped"] for s in mid_task0] == [0, 1]  # only rank 1 met the corrupt clip
     assert mid_task0[0]["data"]["stream"] != mid_task0[1]["data"]["stream"]  # rank 1 read one clip more
@@ -132,7 +135,7 @@ def test_kill_and_resume_repeats_the_run_on_every_rank(corrupt_dataset, referenc
     assert [s["data"] for s in resumed_from] == [s["data"] for s in mid_task0]
 
     run([*_args(root, run_dir), "train.resume=auto"])
-    assert _losses(run_dir) == reference  # every step once, each loss equal to the uninterrupted run's
+    assert _losses(run_dir) == reference  # every step once, both ranks' losses equal to the uninterrupted run's
     evals = [{k: v for k, v in r.items() if k != "time"} for r in read_metrics(run_dir / "metrics.jsonl", tag="eval")]
     ref_evals = [{k: v for k, v in r.items() if k != "time"} for r in read_metrics(full / "metrics.jsonl", tag="eval")]
     assert evals == ref_evals and len(evals) == 3
