@@ -111,7 +111,11 @@ def write_continual_report(
 
 
 def _num(x: float | None, digits: int = 1) -> str:
-    return "-" if x is None else f"{x:.{digits}f}"
+    """A figure as printed in the tables: "-" for none, and no "-0.0" for a value that rounds to zero."""
+    if x is None:
+        return "-"
+    text = f"{x:.{digits}f}"
+    return text[1:] if text.startswith("-") and float(text) == 0 else text
 
 
 def summary_rows(report: Mapping[str, Any]) -> list[list[str]]:

@@ -183,3 +183,10 @@ def test_compare_labels_runs_of_one_method_by_directory_and_shows_unevaluated_ru
 def test_load_report_names_the_directory(tmp_path: Path) -> None:
     with pytest.raises(FileNotFoundError, match=re.escape(str(tmp_path))):
         load_report(tmp_path)
+
+
+def test_table_figures_never_read_minus_zero() -> None:
+    from fastav.eval.report import _num
+
+    assert [_num(x) for x in (-0.04, -0.0, 0.04, -0.06, None)] == ["0.0", "0.0", "0.0", "-0.1", "-"]
+    assert _num(-0.004, digits=2) == "0.00" and _num(12.345, digits=2) == "12.35"
