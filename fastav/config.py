@@ -71,6 +71,11 @@ class DataConfig:
     val_fraction: float = 0.0
     """Fraction of the training split held out as the validation split 'val' (a fixed draw per dataset, the same
     for every seed); fine-tuning selects checkpoints on it, never on the test split. 0: no validation split."""
+    balanced: bool = False
+    """Class-balanced training sampling, CAV-MAE's sampler for AudioSet-2M and VGGSound: each epoch draws as many
+    clips as the training split holds, with replacement, clip i with probability proportional to the sum over its
+    labels c of 1000 / (count_c + 0.01), count_c the clips of the split labelled c (identical on every rank, which
+    read disjoint positions of the draw). False: a permutation per epoch. Evaluation splits are never resampled."""
     batch_size: int = 12
     """Clips per GPU (per process) and step, before replay samples are added."""
     sampling: Literal["cavmae", "stella"] = "stella"
@@ -851,12 +856,12 @@ def stella_probe_vggsound() -> Config:
 
 def cavmae_ft_vggsound() -> Config:
     """CAV-MAE's VGGSound fine-tuning (docs/methods/cav_mae.md): lr 1e-4 with the head at x10, lr halved every epoch
-    from the third, 10 epochs, batch 12 x 4 GPUs, SpecAugment 48 / 192, mixup 0.5, label smoothing 0.1, weights
-    averaged over epochs 3-10, predictions averaged over 10 frames."""
+    from the third, 10 epochs, batch 12 x 4 GPUs, SpecAugment 48 / 192, mixup 0.5, label smoothing 0.1, class-balanced
+    sampling, weights averaged over epochs 3-10, predictions averaged over 10 frames."""
     cfg = cavmae_base()
     cfg.recipe = "cavmae_ft_vggsound"
     cfg.data = dataclasses.replace(
-        cfg.data, specaug_freq=48, specaug_time=192, mixup=0.5, label_smoothing=0.1, val_fraction=0.1
+        cfg.data, specaug_freq=48, specaug_time=192, mixup=0.5, label_smoothing=0.1, val_fraction=0.1, balanced=True
     )
     cfg.train = dataclasses.replace(cfg.train, lr=1e-4, milestones=tuple(range(2, 10)), epochs=10)
     cfg.method = dataclasses.replace(cfg.method, name="cavmae_ft")
@@ -868,10 +873,11 @@ def cavmae_ft_vggsound() -> Config:
 
 def cavmae_ft_as20k() -> Config:
     """CAV-MAE's AudioSet-20K fine-tuning (docs/methods/cav_mae.md): multi-label (BCE, mAP), lr 5e-5 with the head at
-    x100, halved every epoch from the sixth, 15 epochs, batch 9 x 4 GPUs, weights averaged over epochs 3-15."""
+    x100, halved every epoch from the sixth, 15 epochs, batch 9 x 4 GPUs, weights averaged over epochs 3-15, no
+    class-balanced sampling (the official AudioSet-2M run samples balanced: data.balanced=true)."""
     cfg = cavmae_ft_vggsound()
     cfg.recipe = "cavmae_ft_as20k"
-    cfg.data = dataclasses.replace(cfg.data, batch_size=9)
+    cfg.data = dataclasses.replace(cfg.data, batch_size=9, balanced=False)  # AS-20K: the official run is unbalanced
     cfg.train = dataclasses.replace(cfg.train, lr=5e-5, milestones=tuple(range(5, 15)), epochs=15)
     cfg.method.classify = dataclasses.replace(
         cfg.method.classify, labels="multi", head_lr_mult=100.0, average_from=3, average_to=15

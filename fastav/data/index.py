@@ -3,7 +3,8 @@
 :class:`ShardIndex` reads the ``.idx`` beside every tar of the chosen split and tasks (no tar is scanned) and
 memory-maps the tars, so fetching a sample's members is a slice of a mapping. :class:`SampleStream` decides
 which sample each rank reads next: a permutation per epoch from ``(seed, epoch)``, the same on every rank, cut
-into ``world_size`` interleaved slices of equal length so that every rank gets the same number of batches.
+into ``world_size`` interleaved slices of equal length so that every rank gets the same number of batches (or,
+with class-balanced sampling, a weighted draw with replacement from the same ``(seed, epoch)``, cut the same way).
 Its whole state is two integers, which is what makes a resumed run see exactly the batches it would have seen.
 """
 
@@ -12,7 +13,7 @@ from __future__ import annotations
 import json
 import mmap
 import os
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -95,6 +96,18 @@ class ShardIndex:
                 out[ext] = m[offset : offset + size]
         return out
 
+    def labels(self) -> list[list[int] | None]:
+        """Every sample's ``labels`` from its metadata member, in position order; ``None`` where the member is
+        missing or unreadable (such a sample is reported by :meth:`fetch` when it is read)."""
+        out: list[list[int] | None] = []
+        for i in range(len(self)):
+            try:
+                labels = json.loads(self.raw(i)["json"])["labels"]
+                out.append([int(c) for c in labels])
+            except (KeyError, ValueError, TypeError):
+                out.append(None)
+        return out
+
     def fetch(self, i: int) -> Fetched:
         """Sample ``i``'s encoded video and audio (zero-copy views) and parsed metadata, validated."""
         m = self._map(int(self.shard_of[i]))
@@ -133,6 +146,19 @@ def holdout(n: int, fraction: float) -> tuple[np.ndarray, np.ndarray]:
     return np.sort(perm[count:]), np.sort(perm[:count])
 
 
+def class_balanced_weights(labels: Sequence[Sequence[int]], num_classes: int) -> np.ndarray:
+    """CAV-MAE's class-balanced sampling weights: for each sample, the sum over its labels ``c`` of
+    ``1000 / (count_c + 0.01)``, where ``count_c`` counts the samples labelled ``c`` (float64, one per sample)."""
+    counts = np.zeros(num_classes, dtype=np.float64)
+    for row in labels:
+        counts[np.asarray(row, dtype=np.int64)] += 1.0
+    per_class = 1000.0 / (counts + 0.01)
+    weights = np.array([per_class[np.asarray(row, dtype=np.int64)].sum() for row in labels], dtype=np.float64)
+    if not len(weights) or not np.all(weights > 0):
+        raise SampleError("class-balanced sampling needs at least one label on every sample")
+    return weights
+
+
 class SampleStream:
     """Positions of the samples one rank reads, epoch after epoch.
 
@@ -140,15 +166,36 @@ class SampleStream:
     ``r`` reads permutation positions ``r, r + W, r + 2W, ...``. ``per_rank = N // W`` positions per epoch when
     ``drop_last`` (training: equal counts, the remainder changes every epoch), else ``ceil(N / W)`` with the
     positions past ``N`` marked as padding (evaluation: every sample is read exactly once over all ranks).
+    ``weights`` (with ``shuffle``): instead of the permutation, N draws with replacement, sample ``i`` with
+    probability ``weights[i] / sum(weights)``, from the same ``(seed, epoch)``, read by the ranks in the same way
+    (``torch.utils.data.WeightedRandomSampler`` made deterministic and distributed).
     """
 
-    def __init__(self, n: int, *, rank: int, world_size: int, seed: int, shuffle: bool, drop_last: bool) -> None:
+    def __init__(
+        self,
+        n: int,
+        *,
+        rank: int,
+        world_size: int,
+        seed: int,
+        shuffle: bool,
+        drop_last: bool,
+        weights: np.ndarray | None = None,
+    ) -> None:
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} is outside world size {world_size}")
         if drop_last and n < world_size:
             raise SampleError(f"{n} samples cannot be split evenly over {world_size} ranks")
+        if weights is not None:
+            if not shuffle:
+                raise ValueError("weighted sampling draws at random: it needs shuffle=True (training)")
+            weights = np.asarray(weights, dtype=np.float64)
+            usable = np.all(np.isfinite(weights)) and np.all(weights >= 0) and weights.sum() > 0
+            if weights.shape != (n,) or not usable:
+                raise ValueError(f"weights must be {n} finite non-negative numbers with a positive sum")
         self.n, self.rank, self.world_size = n, rank, world_size
         self.seed, self.shuffle, self.drop_last = seed, shuffle, drop_last
+        self.probs = None if weights is None else weights / weights.sum()
         self.per_rank = n // world_size if drop_last else -(-n // world_size)
         self.epoch = 0
         self.pos = 0
@@ -157,8 +204,11 @@ class SampleStream:
 
     def _order(self, epoch: int) -> np.ndarray:
         if self._perm_epoch != epoch:
-            if self.shuffle:
-                self._perm = np.random.default_rng([self.seed, epoch, 0x5EED]).permutation(self.n)
+            rng = np.random.default_rng([self.seed, epoch, 0x5EED])
+            if self.probs is not None:
+                self._perm = rng.choice(self.n, size=self.n, replace=True, p=self.probs)
+            elif self.shuffle:
+                self._perm = rng.permutation(self.n)
             else:
                 self._perm = np.arange(self.n)
             self._perm_epoch = epoch

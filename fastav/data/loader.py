@@ -43,7 +43,7 @@ from torch import Tensor
 from fastav.config import Config
 from fastav.data.augment import draw_aug, mix_inputs, multi_hot, noise_and_roll, smooth_and_mix_labels, spec_augment
 from fastav.data.fbank import kaldi_fbank, normalize_fbank
-from fastav.data.index import SampleError, SampleStream, ShardIndex, holdout
+from fastav.data.index import SampleError, SampleStream, ShardIndex, class_balanced_weights, holdout
 from fastav.data.sampling import MULTI_FRAMES, cavmae_frames, center_crop, multiscale_crop, stella_frames
 from fastav.log import RateLimited, get_logger
 from shards.manifest import load_manifest
@@ -157,6 +157,7 @@ class AVLoader:
         if split in ("train", "val") and cfg.data.val_fraction > 0:
             kept, held = holdout(len(self.index), cfg.data.val_fraction)
             self.index.select(held if split == "val" else kept)
+        self.num_classes = len(self.manifest["classes"])
         self.stream = SampleStream(
             len(self.index),
             rank=rank,
@@ -164,6 +165,7 @@ class AVLoader:
             seed=cfg.train.seed,
             shuffle=self.train,
             drop_last=self.train,
+            weights=balanced_weights(self.index, self.num_classes, split) if self.train and cfg.data.balanced else None,
         )
         if self.train and self.stream.per_rank < self.batch_size:
             raise DataError(
@@ -173,7 +175,6 @@ class AVLoader:
         per_rank = self.stream.per_rank
         self.batches_per_epoch = per_rank // self.batch_size if self.train else -(-per_rank // self.batch_size)
         self.task_ids = {t["name"]: i for i, t in enumerate(self.manifest["tasks"])}
-        self.num_classes = len(self.manifest["classes"])
         self.frame_size = int(pre["frame_size"])
         self.video_decode_device = video_decoder(pre["video_codec"], self.frame_size, self.device.type == "cuda")
         self.num_frames = MULTI_FRAMES if self.multi_frame else cfg.data.num_frames
@@ -480,6 +481,34 @@ class AVLoader:
             "data_skipped": self.skipped,
             "data_skip_fraction": self.skipped / self.seen if self.seen else 0.0,
         }
+
+
+def balanced_weights(index: ShardIndex, num_classes: int, split: str) -> np.ndarray:
+    """data.balanced: the class-balanced weights of the samples of ``index`` from their metadata labels; a sample
+    whose labels cannot be read (or lie outside the manifest's classes) gets weight 0, is never drawn, and is
+    named in a warning."""
+    labels = index.labels()
+    bad = [i for i, row in enumerate(labels) if not row or min(row) < 0 or max(row) >= num_classes]
+    if len(bad) == len(labels):
+        raise DataError(
+            f"data.balanced: no sample of split {split!r} has readable labels within the manifest's {num_classes} "
+            f"classes (first: {index.where(bad[0])}); rebuild the shards or set data.balanced=false"
+        )
+    bad_set = set(bad)
+    good = [i for i in range(len(labels)) if i not in bad_set]
+    weights = np.zeros(len(labels), dtype=np.float64)
+    weights[good] = class_balanced_weights([labels[i] for i in good], num_classes)
+    if bad:
+        log.warning(
+            "data.balanced: %d sample(s) of split %r have no readable labels within the manifest's classes and are "
+            "never drawn (first: %s)", len(bad), split, index.where(bad[0]),
+        )  # fmt: skip
+    w = weights[good]
+    log.info(
+        "class-balanced sampling over %d clips of split %r: weights %.3g-%.3g (max / min %.1f)",
+        len(good), split, w.min(), w.max(), w.max() / w.min(),
+    )  # fmt: skip
+    return weights
 
 
 def build_loader(cfg: Config, split: str, **kwargs: Any) -> AVLoader:

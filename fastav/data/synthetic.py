@@ -37,7 +37,7 @@ import torch
 from torch import Tensor
 
 from fastav.config import Config
-from fastav.data.index import SampleStream, holdout
+from fastav.data.index import SampleStream, class_balanced_weights, holdout
 
 
 def synthetic_task_names(cfg: Config) -> list[str]:
@@ -83,8 +83,17 @@ class SyntheticAV:
             kept, held = holdout(len(ids), d.val_fraction)
             ids = ids[torch.from_numpy(held if split == "val" else kept)]
         self.ids = ids
+        weights = None
+        if self.train and d.balanced:  # one label per clip, its class id % synthetic_classes
+            weights = class_balanced_weights([[c] for c in (ids % self.num_classes).tolist()], self.num_classes)
         self.stream = SampleStream(
-            len(ids), rank=rank, world_size=world_size, seed=self.seed, shuffle=self.train, drop_last=self.train
+            len(ids),
+            rank=rank,
+            world_size=world_size,
+            seed=self.seed,
+            shuffle=self.train,
+            drop_last=self.train,
+            weights=weights,
         )
         if self.train and self.stream.per_rank < self.batch_size:
             raise ValueError(
