@@ -376,6 +376,12 @@ class ClassifyConfig:
     multi_frame_eval: bool = False
     """Evaluate on all 10 frames of CAV-MAE's 1-fps grid, one at a time, and average the softmax (single) or
     sigmoid (multi) outputs (data.sampling=cavmae on shards; synthetic clips have no grid)."""
+    test_windows: int = 1
+    """data.sampling=stella: windows each test clip is scored on, starting every data.num_frames / 2 seconds from 0
+    (STELLA's downstream test: 4 windows of 4 s at 0, 2, 4 and 6 s of a 10-s clip, clamped into shorter clips).
+    Every window counts as one prediction in the accuracy or mAP, as in the official evaluation, which scores the
+    windows as separate samples. The validation split keeps one window at data.eval_window_start. 1: the test
+    split is read like the validation split."""
     select: Literal["val", "last"] = "val"
     """Which weights the test split measures: those of the epoch with the best validation score (needs
     data.val_fraction > 0) or of the last epoch. With weight averaging the average is tested instead."""
@@ -386,7 +392,7 @@ class ClassifyConfig:
     """Last epoch (1-based) of the weight average; 0 = the last epoch of the run."""
 
     def validate(self) -> None:
-        _positive(self, "head_lr_mult")
+        _positive(self, "head_lr_mult", "test_windows")
         _non_negative(self, "average_from", "average_to")
         if self.average_to and self.average_to < self.average_from:
             _fail(self, "average_to", self.average_to, f"0 or >= method.classify.average_from ({self.average_from})")
@@ -843,7 +849,8 @@ def mla_cavmae_cremad() -> Config:
 def stella_probe_vggsound() -> Config:
     """STELLA's downstream VGGSound classification (docs/methods/stella.md): its MLP head on the frozen backbone,
     AdamW 5e-4, betas (0.95, 0.999), weight decay 5e-6, 2 warm-up epochs then cosine, 15 epochs, batch 12 x 4 GPUs,
-    SpecAugment 48 / 192 and noise; model.init names the continual checkpoint."""
+    SpecAugment 48 / 192 and noise, test clips scored on 4 windows (0, 2, 4, 6 s); model.init names the continual
+    checkpoint."""
     cfg = stella_vggsound()
     cfg.recipe = "stella_probe_vggsound"
     cfg.data = dataclasses.replace(cfg.data, specaug_freq=48, specaug_time=192, val_fraction=0.1)
@@ -851,6 +858,7 @@ def stella_probe_vggsound() -> Config:
         cfg.train, optimizer="adamw", lr=5e-4, weight_decay=5e-6, schedule="cosine", warmup_epochs=2.0, epochs=15
     )
     cfg.method = dataclasses.replace(cfg.method, name="stella_probe")
+    cfg.method.classify = dataclasses.replace(cfg.method.classify, test_windows=4)
     return cfg
 
 

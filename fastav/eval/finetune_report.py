@@ -22,10 +22,25 @@ from fastav.config import Config
 from fastav.eval.report import _num, _pyplot, _table, git_sha, machine, speed
 
 SPLIT_NAMES = {"val": "validation split (held out of train)", "test": "test split"}
-NOT_OUTPUTS = ("metric", "n", "classes_scored")
+NOT_OUTPUTS = ("metric", "n", "classes_scored", "windows")
 
 
 ORDER = ("audio", "video", "fused", "fused_entropy", "fused_fixed")
+
+
+def _split_name(split: str, scores: Mapping[str, Any]) -> str:
+    """The split's name in the report, with the test windows when there are several."""
+    name = SPLIT_NAMES.get(split, split)
+    windows = scores.get("windows") or []
+    if len(windows) > 1:
+        starts = ", ".join(f"{w:g}" for w in windows)
+        name += f", {len(windows)} windows per clip starting at {starts} s, each scored as one prediction"
+    return name
+
+
+def _clips(scores: Mapping[str, Any]) -> int:
+    """Clips scored (``n`` counts predictions: one per clip and window)."""
+    return int(scores["n"]) // max(len(scores.get("windows") or []), 1)
 
 
 def outputs_of(scores: Mapping[str, Any]) -> list[str]:
@@ -110,14 +125,14 @@ def report_markdown(report: Mapping[str, Any]) -> str:
             f"Tested: {_selected_text(report['selection'])}.",
             "",
         ]
-        rows = [[SPLIT_NAMES.get(s, s), str(v["n"]), *[_num(v.get(o)) for o in outputs]] for s, v in final.items()]
+        rows = [[_split_name(s, v), str(_clips(v)), *[_num(v.get(o)) for o in outputs]] for s, v in final.items()]
         parts.append(_table(["split", "clips", *outputs], rows))
     for split in ("val", "test"):
         epochs = [e for e in report["epochs"] if split in e]
         if not epochs:
             continue
         outputs = outputs_of(epochs[0][split])
-        parts += ["", f"## {metric} after each epoch, {SPLIT_NAMES[split]}", ""]
+        parts += ["", f"## {metric} after each epoch, {_split_name(split, epochs[0][split])}", ""]
         rows = [[str(e["epoch"]), *[_num(e[split].get(o)) for o in outputs]] for e in epochs]
         parts.append(_table(["epoch", *outputs], rows))
     if any("test" in e for e in report["epochs"]):
@@ -147,7 +162,9 @@ def plot_scores(report: Mapping[str, Any], out_dir: Path) -> list[Path]:
             ax.axvline(chosen, color="grey", ls="--", lw=1, label=f"selected (epoch {chosen})")
         ax.set_xlabel("epoch")
         ax.set_ylabel(f"{report['metric']} (%)")
-        ax.set_title(f"{report['method']}: {report['metric']} per epoch on the {SPLIT_NAMES[split]}")
+        windows = len(epochs[0][split].get("windows") or [])
+        where = SPLIT_NAMES[split] + (f", {windows} windows per clip" if windows > 1 else "")
+        ax.set_title(f"{report['method']}: {report['metric']} per epoch on the {where}")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
         fig.tight_layout()

@@ -24,6 +24,8 @@ files carry their epoch and score, so a resumed run continues where it stopped.
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 import json
 import os
 import shutil
@@ -32,6 +34,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 from torch import Tensor
 
 from fastav.config import FINETUNE_METHODS, Config, ConfigError
@@ -156,17 +159,31 @@ class Evaluator:
         c = cfg.method.classify
         self.average = range(c.average_from, (c.average_to or cfg.train.epochs) + 1) if c.average_from else None
 
-    def loader(self, split: str) -> Any:
-        if split not in self._loaders:
-            self._loaders[split] = build_loader(
-                self.cfg, split, train=False, rank=self.dist.rank, world_size=self.dist.world_size,
-                device=self.dist.device, multi_frame=self.cfg.method.classify.multi_frame_eval,
+    def loader(self, split: str, window_start: float | None = None) -> Any:
+        """The evaluation loader of ``split``; for a test window, one whose clips start at ``window_start``."""
+        key = (split, window_start)
+        if key not in self._loaders:
+            cfg = self.cfg
+            if window_start is not None:
+                cfg = copy.copy(cfg)
+                cfg.data = dataclasses.replace(cfg.data, eval_window_start=window_start)
+            self._loaders[key] = build_loader(
+                cfg, split, train=False, rank=self.dist.rank, world_size=self.dist.world_size,
+                device=self.dist.device, multi_frame=cfg.method.classify.multi_frame_eval,
             )  # fmt: skip
-        return self._loaders[split]
+        return self._loaders[key]
 
     def scores(self, module: FinetuneMethod, split: str) -> dict[str, Any]:
-        scores, labels = collect(module, self.loader(split), device=self.dist.device)
-        return classification_metrics(scores, labels, multilabel=module.multilabel)
+        """Accuracy or mAP of every output on ``split``; on the test split with ``method.classify.test_windows`` > 1,
+        over the predictions of every window of every clip (``n`` counts predictions, ``windows`` the starts)."""
+        if split != "test" or self.cfg.method.classify.test_windows == 1:
+            scores, labels = collect(module, self.loader(split), device=self.dist.device)
+            return classification_metrics(scores, labels, multilabel=module.multilabel)
+        starts = scored_window_starts(self.cfg)
+        runs = [collect(module, self.loader(split, s), device=self.dist.device) for s in starts]
+        scores = {name: np.concatenate([r[0][name] for r in runs]) for name in runs[0][0]}
+        labels = np.concatenate([r[1] for r in runs])
+        return {**classification_metrics(scores, labels, multilabel=module.multilabel), "windows": starts}
 
     def __call__(self, module: FinetuneMethod, stage: Stage) -> dict[str, Any]:
         epoch = stage.index + 1
@@ -257,6 +274,21 @@ def check(cfg: Config) -> None:
         )
     if c.multi_frame_eval and cfg.data.sampling != "cavmae":
         raise ConfigError("method.classify.multi_frame_eval: true needs data.sampling=cavmae (the 1-fps frame grid)")
+    if c.test_windows > 1 and (cfg.data.sampling != "stella" or cfg.data.source != "shards"):
+        raise ConfigError(
+            f"method.classify.test_windows: got {c.test_windows}; accepted: 1, or more with data.sampling=stella on "
+            f"shards (got data.sampling={cfg.data.sampling}, data.source={cfg.data.source}: "
+            f"{'synthetic clips have no time axis' if cfg.data.source != 'shards' else 'CAV-MAE samples a frame grid'})"
+        )
+
+
+def scored_window_starts(cfg: Config) -> list[float]:
+    """Start times (seconds) of the windows each test clip is scored on: ``method.classify.test_windows`` of them,
+    every ``data.num_frames / 2`` seconds from 0 (STELLA: 0, 2, 4, 6 s), or ``[data.eval_window_start]``."""
+    n = cfg.method.classify.test_windows
+    if n == 1:
+        return [cfg.data.eval_window_start]
+    return [i * cfg.data.num_frames / 2 for i in range(n)]
 
 
 def build_method(cfg: Config) -> FinetuneMethod:

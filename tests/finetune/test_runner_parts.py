@@ -11,7 +11,7 @@ from torch import nn
 
 from fastav.config import ConfigError, load_config
 from fastav.finetune import build_method
-from fastav.finetune.runner import AVERAGE_FILE, BEST_FILE, Evaluator, check
+from fastav.finetune.runner import AVERAGE_FILE, BEST_FILE, Evaluator, check, scored_window_starts
 from fastav.models import load_weights
 from fastav.models.weights import read_weights_metadata
 from fastav.train.engine import DistInfo
@@ -76,5 +76,35 @@ def test_config_checks_of_a_finetuning_run() -> None:
         check(load_config("debug"))
     with pytest.raises(ConfigError, match="multi_frame_eval"):
         check(load_config("debug_finetune", ["method.classify.multi_frame_eval=true"]))
+    with pytest.raises(ConfigError, match="test_windows: got 4.*synthetic clips have no time axis"):
+        check(load_config("debug_finetune", ["method.classify.test_windows=4", "data.source=synthetic"]))
+    with pytest.raises(ConfigError, match="test_windows: got 2.*frame grid"):
+        check(load_config("debug_finetune", ["method.classify.test_windows=2", "data.sampling=cavmae",
+                                             "data.num_frames=1"]))  # fmt: skip
+    with pytest.raises(ConfigError, match="test_windows"):
+        load_config("debug_finetune", ["method.classify.test_windows=0"])
     with pytest.raises(ConfigError, match="model.init"):
         build_method(load_config("debug_mla", ["data.source=synthetic", "model.init=x.safetensors"]))
+
+
+def test_stella_test_windows_score_every_window_as_one_prediction(synth_dataset, tmp_path: Path) -> None:
+    root, _, _ = synth_dataset
+    cfg = load_config("debug_finetune", [f"data.root={root}", "method.classify.test_windows=4", "eval.batch_size=16"])
+    assert load_config("stella_probe_vggsound").method.classify.test_windows == 4
+    assert scored_window_starts(cfg) == [0.0, 2.0, 4.0, 6.0]  # 4 frames 1 s apart: a window every 2 s
+    method = build_method(cfg).eval()
+    windowed = Evaluator(cfg, CPU, tmp_path).scores(method, "test")
+    assert windowed["windows"] == [0.0, 2.0, 4.0, 6.0] and windowed["n"] == 4 * 36
+    per_window = []
+    for start in windowed["windows"]:  # the same as scoring each window on its own, counted once per clip
+        one = load_config("debug_finetune", [f"data.root={root}", f"data.eval_window_start={start}"])
+        per_window.append(Evaluator(one, CPU, tmp_path).scores(method, "test"))
+    assert all(w["n"] == 36 and "windows" not in w for w in per_window)
+    assert windowed["fused"] == pytest.approx(sum(w["fused"] for w in per_window) / 4)
+    # the windows see different frames (4-s clips: starts 0 and 7 of 32 frames at 8 fps, the later ones clamped)
+    ev = Evaluator(cfg, CPU, tmp_path)
+    first, last = (next(iter(ev.loader("test", s)))["video"] for s in (0.0, 6.0))
+    assert not torch.equal(first, last)
+    validation = Evaluator(load_config("debug_finetune", [f"data.root={root}", "method.classify.test_windows=4"]),
+                           CPU, tmp_path).scores(method, "val")  # fmt: skip
+    assert "windows" not in validation
