@@ -25,15 +25,14 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor, nn
 
-import kernels
 from fastav.config import Config
 from fastav.data import build_loader, dataset_tasks
 from fastav.log import get_logger
 from fastav.models import AVMAE, AVMatching, build_avm, build_pretrain_model, load_init, matching_loss
 from fastav.models.weights import load_avm
-from fastav.train.engine import init_distributed, seed_everything
+from fastav.train.engine import seed_everything
 from fastav.train.method import Method, Stage, StepOutput
-from fastav.train.trainer import RunResult, Trainer, cpu_threads, resolve_run_dir
+from fastav.train.trainer import RunResult, Trainer, start_run
 
 log = get_logger("fastav.continual")
 
@@ -107,11 +106,7 @@ def matching_evaluator(cfg: Config, tasks: list[str], rank: int, world_size: int
 
 def avm_stage(cfg: Config) -> RunResult:
     """Train the AVM for ``method.stella.avm_epochs`` epochs over the pre-training task; writes ``avm.safetensors``."""
-    cfg.validate(require_data=cfg.data.source == "shards")
-    dist = init_distributed(cfg)
-    cpu_threads(dist)
-    kernels.set_backend(cfg.model.kernels)
-    run_dir = resolve_run_dir(cfg, dist)
+    dist, run_dir = start_run(cfg)
     method = build_avm_stage(cfg)
     seed_everything(cfg.train.seed + 1000 * dist.rank)  # per-rank pairings
     tasks = dataset_tasks(cfg, "pretrain")

@@ -22,16 +22,15 @@ from typing import Any
 import torch
 from torch import nn
 
-import kernels
 from fastav.config import Config, ConfigError
 from fastav.continual.methods import METHODS, AVMethod, ReplayMethod
 from fastav.data import build_loader, dataset_tasks, task_names
 from fastav.eval import evaluate_retrieval
 from fastav.log import get_logger
 from fastav.models import build_pretrain_model, load_init
-from fastav.train.engine import DistInfo, init_distributed, seed_everything
+from fastav.train.engine import DistInfo, seed_everything
 from fastav.train.method import Stage
-from fastav.train.trainer import RunResult, Trainer, cpu_threads, resolve_run_dir
+from fastav.train.trainer import RunResult, Trainer, start_run
 
 log = get_logger("fastav.continual")
 
@@ -66,11 +65,7 @@ def build_method(cfg: Config, dist: DistInfo) -> AVMethod:
 
 def setup(cfg: Config) -> Run:
     """Process group, threads, kernel backend, run directory and method; RNG seeded per rank for the run."""
-    cfg.validate(require_data=cfg.data.source == "shards")
-    dist = init_distributed(cfg)
-    cpu_threads(dist)
-    kernels.set_backend(cfg.model.kernels)
-    run_dir = resolve_run_dir(cfg, dist)
+    dist, run_dir = start_run(cfg)
     method = build_method(cfg, dist)
     seed_everything(cfg.train.seed + 1000 * dist.rank)  # per-rank masks and draws
     if isinstance(method, ReplayMethod) and dist.rank == 0:

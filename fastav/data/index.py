@@ -100,10 +100,14 @@ class ShardIndex:
         """Every sample's ``labels`` from its metadata member, in position order; ``None`` where the member is
         missing or unreadable (such a sample is reported by :meth:`fetch` when it is read)."""
         out: list[list[int] | None] = []
+        member = self.members.index("json")
         for i in range(len(self)):
+            offset, size = self.locs[i, member]  # only the metadata is read: the media stay on disk
             try:
-                labels = json.loads(self.raw(i)["json"])["labels"]
-                out.append([int(c) for c in labels])
+                if offset < 0:
+                    raise ValueError("no metadata member")
+                text = self._map(int(self.shard_of[i]))[offset : offset + size]
+                out.append([int(c) for c in json.loads(text)["labels"]])
             except (KeyError, ValueError, TypeError):
                 out.append(None)
         return out

@@ -44,9 +44,9 @@ from fastav.finetune.balance import MLA, PAIR_METHODS, build_pair_method
 from fastav.finetune.methods import FinetuneMethod, build_classify_method
 from fastav.log import get_logger
 from fastav.models.weights import FORMAT, FORMAT_VERSION, load_weights, read_state_dict, read_weights_metadata
-from fastav.train.engine import DistInfo, barrier, init_distributed, seed_everything
+from fastav.train.engine import DistInfo, barrier, seed_everything
 from fastav.train.method import Stage
-from fastav.train.trainer import RunResult, Trainer, cpu_threads, resolve_run_dir
+from fastav.train.trainer import RunResult, Trainer, start_run
 
 log = get_logger("fastav.finetune")
 
@@ -303,11 +303,9 @@ def build_method(cfg: Config) -> FinetuneMethod:
 
 def finetune(cfg: Config) -> FinetuneResult:
     """Train, evaluate every epoch, test the selected weights; rank 0 writes the report."""
-    cfg.validate(require_data=cfg.data.source == "shards")
+    cfg.validate(require_data=cfg.data.source == "shards")  # a config error before check's own messages
     check(cfg)
-    dist = init_distributed(cfg)
-    cpu_threads(dist)
-    run_dir = resolve_run_dir(cfg, dist)
+    dist, run_dir = start_run(cfg)
     method = build_method(cfg)
     seed_everything(cfg.train.seed + 1000 * dist.rank)
     train_loader = build_loader(cfg, "train", rank=dist.rank, world_size=dist.world_size, device=dist.device)

@@ -34,9 +34,10 @@ from typing import Any, Protocol
 import torch
 from torch import Tensor, nn
 
+import kernels
 from fastav.config import Config
 from fastav.log import Bar, MetricLogger, get_logger
-from fastav.train.engine import DistInfo, Engine, resolve_resume
+from fastav.train.engine import DistInfo, Engine, init_distributed, resolve_resume
 from fastav.train.method import Method, Stage, StepOutput
 
 log = get_logger("fastav.train")
@@ -85,6 +86,16 @@ def resolve_run_dir(cfg: Config, dist: DistInfo) -> Path:
     return Path(name[0])
 
 
+def start_run(cfg: Config) -> tuple[DistInfo, Path]:
+    """What every entry point does first: check the config, join the process group, size the CPU threads, choose
+    the kernel backend (``model.kernels``) and resolve the run directory."""
+    cfg.validate(require_data=cfg.data.source == "shards")
+    dist = init_distributed(cfg)
+    cpu_threads(dist)
+    kernels.set_backend(cfg.model.kernels)
+    return dist, resolve_run_dir(cfg, dist)
+
+
 def cpu_threads(dist: DistInfo) -> None:
     """Give each CPU process its share of the cores unless OMP_NUM_THREADS says otherwise (oversubscribed
     OpenMP threads slow a small model down a hundredfold on a shared machine)."""
@@ -122,13 +133,14 @@ class _Window:
             per_rank = torch.stack(parts).cpu()  # sync-ok: logging step
         else:
             per_rank = stacked[None].cpu()  # sync-ok: logging step
-        *sums, finite = per_rank.mean(dim=0).tolist()
+        *sums, finite = per_rank.mean(dim=0).tolist()  # sync-ok: a host tensor already (copied above)
         out: dict[str, Any] = {"finite_steps": int(round(finite))}
         if finite > 0:
             out.update({k: v / finite for k, v in zip(keys, sums, strict=True)})
             if world_size > 1 and "loss" in keys:
                 column = keys.index("loss")
-                out["loss_by_rank"] = (per_rank[:, column] / per_rank[:, -1].clamp(min=1)).tolist()
+                by_rank = per_rank[:, column] / per_rank[:, -1].clamp(min=1)
+                out["loss_by_rank"] = by_rank.tolist()  # sync-ok: a host tensor already (copied above)
         return out
 
 

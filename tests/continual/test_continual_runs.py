@@ -20,6 +20,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from launching import cpu_launch_env, free_port
 
 from fastav.data.index import SampleStream, ShardIndex
 from fastav.log import read_metrics
@@ -29,21 +30,6 @@ ROOT = Path(__file__).resolve().parents[2]
 SCRIPT = ROOT / "launch" / "continual.py"
 SEED = 2021
 pytestmark = [pytest.mark.slow, pytest.mark.distributed]
-
-
-def _env() -> dict[str, str]:
-    env = dict(os.environ, OMP_NUM_THREADS="1", DS_ACCELERATOR="cpu", CUDA_VISIBLE_DEVICES="", FASTAV_NO_PROGRESS="1")
-    for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
-        env.pop(var, None)
-    return env
-
-
-def _port() -> str:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return str(s.getsockname()[1])
 
 
 def _args(root: Path, run_dir: Path) -> list[str]:
@@ -60,8 +46,8 @@ def _launcher(*extra: str) -> list[str]:
 
 
 def run(args: list[str], *, timeout: int = 600) -> None:
-    cmd = [*_launcher("--num_gpus", "2", "--master_port", _port()), *args]
-    done = subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=timeout)
+    cmd = [*_launcher("--num_gpus", "2", "--master_port", str(free_port())), *args]
+    done = subprocess.run(cmd, cwd=ROOT, env=cpu_launch_env(), capture_output=True, text=True, timeout=timeout)
     assert done.returncode == 0, f"{' '.join(cmd)}\n{done.stdout[-3000:]}\n{done.stderr[-6000:]}"
 
 
@@ -118,8 +104,8 @@ def test_kill_and_resume_repeats_the_run_on_every_rank(corrupt_dataset, referenc
     assert mid_task0[0]["data"]["stream"] != mid_task0[1]["data"]["stream"]  # rank 1 read one clip more
 
     run_dir = tmp_path / "killed"
-    cmd = [*_launcher("--num_gpus", "2", "--master_port", _port()), *_args(root, run_dir)]
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    cmd = [*_launcher("--num_gpus", "2", "--master_port", str(free_port())), *_args(root, run_dir)]
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=cpu_launch_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                             start_new_session=True)  # fmt: skip
     latest = run_dir / "checkpoints" / "latest"
     deadline = time.monotonic() + 600
@@ -156,13 +142,13 @@ def test_two_nodes_on_one_machine_match_one_node(corrupt_dataset, reference_run,
     hostfile = tmp_path / "hostfile"
     hostfile.write_text("node0 slots=1\nnode1 slots=1\n")
     run_dir = tmp_path / "two-nodes"
-    port = _port()
+    port = str(free_port())
     procs = []
     for node in (0, 1):
         cmd = [*_launcher("--hostfile", str(hostfile), "--no_ssh", "--node_rank", str(node),
                           "--master_addr", "127.0.0.1", "--master_port", port), *_args(root, run_dir)]  # fmt: skip
-        procs.append(subprocess.Popen(cmd, cwd=ROOT, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                      text=True))  # fmt: skip
+        procs.append(subprocess.Popen(cmd, cwd=ROOT, env=cpu_launch_env(), stdout=subprocess.PIPE,
+                                      stderr=subprocess.STDOUT, text=True))  # fmt: skip
     outputs = [p.communicate(timeout=600)[0] for p in procs]
     assert all(p.returncode == 0 for p in procs), "\n".join(o[-3000:] for o in outputs)
     assert _losses(run_dir) == _losses(reference_run)

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -14,6 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from launching import cpu_launch_env, free_port
 
 from fastav.log import read_metrics
 
@@ -22,17 +22,8 @@ SCRIPT = ROOT / "launch" / "continual.py"
 pytestmark = [pytest.mark.slow, pytest.mark.distributed]
 
 
-def _env() -> dict[str, str]:
-    env = dict(os.environ, OMP_NUM_THREADS="1", DS_ACCELERATOR="cpu", CUDA_VISIBLE_DEVICES="", FASTAV_NO_PROGRESS="1")
-    for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
-        env.pop(var, None)
-    return env
-
-
 def _command(root: Path, run_dir: Path, *extra: str) -> list[str]:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = str(s.getsockname()[1])
+    port = str(free_port())
     launcher = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "2", "--master_port", port]
     return [
         *launcher, str(SCRIPT), "--recipe", "debug", f"data.root={root}", "data.num_threads=1",
@@ -43,7 +34,7 @@ def _command(root: Path, run_dir: Path, *extra: str) -> list[str]:
 
 
 def _run(cmd: list[str]) -> None:
-    done = subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=600)
+    done = subprocess.run(cmd, cwd=ROOT, env=cpu_launch_env(), capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, f"{' '.join(cmd)}\n{done.stdout[-3000:]}\n{done.stderr[-6000:]}"
 
 
@@ -71,7 +62,7 @@ def test_stella_killed_mid_task_resumes_like_the_uninterrupted_run(synth_dataset
     assert all(der > 0 for step, (_, _, der) in reference.items() if step > 1)  # replay from the second step on
 
     run_dir = tmp_path / "killed"
-    proc = subprocess.Popen(_command(root, run_dir), cwd=ROOT, env=_env(), stdout=subprocess.DEVNULL,
+    proc = subprocess.Popen(_command(root, run_dir), cwd=ROOT, env=cpu_launch_env(), stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL, start_new_session=True)  # fmt: skip
     latest = run_dir / "checkpoints" / "latest"
     deadline = time.monotonic() + 600

@@ -3,11 +3,11 @@ set: each rank reads half of the batches, one of them ends with a padded batch."
 
 from __future__ import annotations
 
-import socket
 from pathlib import Path
 
 import pytest
 import torch
+from launching import free_port
 from torch import Tensor, nn
 
 from fastav.eval import embed, evaluate_retrieval
@@ -52,12 +52,6 @@ def dataset_batches() -> list[dict[str, Tensor]]:
     return batches
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _worker(rank: int, world: int, port: int, out_dir: str) -> None:
     torch.set_num_threads(1)
     torch.distributed.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
@@ -90,7 +84,7 @@ def test_two_processes_equal_one_process(tmp_path: Path) -> None:
     # fork: the children inherit the imported torch (a fresh interpreter spends seconds importing it); safe here, the
     # parent holds no process group, no CUDA context and runs one intra-op thread
     torch.multiprocessing.start_processes(
-        _worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True, start_method="fork"
+        _worker, args=(2, free_port(), str(tmp_path)), nprocs=2, join=True, start_method="fork"
     )
     for rank in range(2):
         got = torch.load(tmp_path / f"rank{rank}.pt", weights_only=False)

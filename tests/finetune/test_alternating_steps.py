@@ -5,12 +5,12 @@ ZeRO-2 in bf16, where every parameter group is a flat partition whose gradient a
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+from launching import cpu_launch_env
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -53,13 +53,6 @@ print("RESULT " + json.dumps({"steps": record, "global_step": engine.global_step
 """
 
 
-def _env() -> dict[str, str]:
-    env = dict(os.environ, OMP_NUM_THREADS="1", DS_ACCELERATOR="cpu", CUDA_VISIBLE_DEVICES="", FASTAV_NO_PROGRESS="1")
-    for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
-        env.pop(var, None)
-    return env
-
-
 @pytest.mark.parametrize(
     "overrides",
     [["distributed.zero_stage=0", "train.precision=fp32"], ["distributed.zero_stage=2", "train.precision=bf16"]],
@@ -67,7 +60,12 @@ def _env() -> dict[str, str]:
 )
 def test_each_alternating_step_changes_only_its_encoder_and_the_head(overrides: list[str]) -> None:
     done = subprocess.run(
-        [sys.executable, "-c", SCRIPT, *overrides], cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=300
+        [sys.executable, "-c", SCRIPT, *overrides],
+        cwd=ROOT,
+        env=cpu_launch_env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert done.returncode == 0, done.stderr[-4000:]
     line = next(x for x in done.stdout.splitlines() if x.startswith("RESULT "))

@@ -4,12 +4,12 @@ the report and its plots, and a resumed run that repeats the uninterrupted one."
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+from launching import cpu_launch_env
 
 ROOT = Path(__file__).resolve().parents[2]
 COMMON = [
@@ -20,9 +20,7 @@ COMMON = [
 
 
 def _run(args: list[str]) -> subprocess.CompletedProcess[str]:
-    env = dict(os.environ, OMP_NUM_THREADS="1", DS_ACCELERATOR="cpu", CUDA_VISIBLE_DEVICES="", FASTAV_NO_PROGRESS="1")
-    for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
-        env.pop(var, None)
+    env = cpu_launch_env()
     cmd = [sys.executable, str(ROOT / "launch" / "finetune.py"), *args]
     done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, f"{done.stdout[-2000:]}\n{done.stderr[-4000:]}"

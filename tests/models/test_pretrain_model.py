@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from launching import free_port
 
 from fastav.config import Config, load_config
 from fastav.models import (
@@ -157,16 +158,13 @@ def test_info_nce_gather_grad_follows_the_one_batch_gradient(tmp_path) -> None:
     """Two gloo processes of 4 rows each: with gather_grad the averaged gradients are those of one InfoNCE over the 8
     rows; STELLA's gather (the other rank's rows constant) leaves part of them out."""
     import os
-    import socket
     import subprocess
     import sys
 
     torch.manual_seed(0)
     a, v = torch.randn(8, 6, dtype=torch.float64), torch.randn(8, 6, dtype=torch.float64)
     torch.save((a, v), tmp_path / "inputs.pt")
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = str(s.getsockname()[1])
+    port = str(free_port())
     procs = [
         subprocess.Popen(
             [sys.executable, "-c", _GATHER_WORKER, str(tmp_path / "inputs.pt"), str(tmp_path / "grads")],

@@ -6,14 +6,13 @@ Each run starts its own process so the test process never holds a DeepSpeed proc
 from __future__ import annotations
 
 import json
-import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
+from launching import cpu_launch_env, free_port
 
 from fastav.config import Config
 from fastav.log import read_metrics
@@ -21,19 +20,6 @@ from fastav.models import build_pretrain_model, load_weights
 
 ROOT = Path(__file__).resolve().parents[2]
 SCRIPT = ROOT / "launch" / "pretrain.py"
-
-
-def _env() -> dict[str, str]:
-    env = dict(os.environ, OMP_NUM_THREADS="1", DS_ACCELERATOR="cpu", CUDA_VISIBLE_DEVICES="", FASTAV_NO_PROGRESS="1")
-    for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
-        env.pop(var, None)
-    return env
-
-
-def _port() -> str:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return str(s.getsockname()[1])
 
 
 def run(args: list[str], *, procs: int = 0, timeout: int = 300) -> subprocess.CompletedProcess[str]:
@@ -46,12 +32,12 @@ def run(args: list[str], *, procs: int = 0, timeout: int = 300) -> subprocess.Co
             "--num_gpus",
             str(procs),
             "--master_port",
-            _port(),
+            str(free_port()),
         ]
         cmd = [*launcher, str(SCRIPT), *args]
     else:
         cmd = [sys.executable, str(SCRIPT), *args]
-    done = subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=timeout)
+    done = subprocess.run(cmd, cwd=ROOT, env=cpu_launch_env(), capture_output=True, text=True, timeout=timeout)
     assert done.returncode == 0, f"{' '.join(cmd)}\n{done.stdout[-3000:]}\n{done.stderr[-6000:]}"
     return done
 

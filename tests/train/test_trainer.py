@@ -5,10 +5,11 @@ the CPU, one process) so the test process never holds a process group."""
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
+
+from launching import cpu_launch_env
 
 from fastav.log import read_metrics
 
@@ -16,17 +17,10 @@ ROOT = Path(__file__).resolve().parents[2]
 TOY = ROOT / "tests" / "train" / "toy_run.py"
 
 
-def _env() -> dict[str, str]:
-    env = dict(os.environ, OMP_NUM_THREADS="1", DS_ACCELERATOR="cpu", CUDA_VISIBLE_DEVICES="", FASTAV_NO_PROGRESS="1")
-    for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
-        env.pop(var, None)
-    return env
-
-
 def toy(tmp_path: Path, *args: str) -> tuple[subprocess.CompletedProcess[str], dict]:
     out = tmp_path / "toy.json"
     cmd = [sys.executable, str(TOY), str(out), *args, f"train.run_dir={tmp_path / 'run'}", "train.log_every=1"]
-    done = subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=300)
+    done = subprocess.run(cmd, cwd=ROOT, env=cpu_launch_env(), capture_output=True, text=True, timeout=300)
     assert out.is_file(), done.stderr[-4000:]
     return done, json.loads(out.read_text())
 
