@@ -19,7 +19,7 @@ if [ ! -x "$venv/bin/python" ]; then
 fi
 step() { echo "setup: $*"; }
 step "pip, setuptools, wheel"
-"${pip[@]}" install -q --upgrade "pip>=24" "setuptools>=68" wheel
+"${pip[@]}" install -q --upgrade "pip>=24" "setuptools>=68,<82" wheel  # torch 2.11 requires setuptools<82
 step "torch==2.11.0 torchaudio==2.11.0 (large: CUDA build from PyPI, runs on the CPU too)"
 "${pip[@]}" install -q torch==2.11.0 torchaudio==2.11.0
 if ! "$venv/bin/python" -c 'import deepspeed, sys; sys.exit(deepspeed.__version__ != "0.19.8")' 2>/dev/null; then
